@@ -1,0 +1,3 @@
+from .accumulate_stats import accumulate_stats
+
+__all__ = ["accumulate_stats"]

@@ -1,0 +1,125 @@
+"""accumulate_stats: one pass over an activation updates every per-channel statistic.
+
+Public entry point, input validation and backend dispatch. The kernels live beside this file
+(reference.py, triton_kernel.py, cpu.py, cuda.py); each writes chunk partials that
+partials.reduce_partials folds into a StatsState.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ... import backends
+from ...stats import StatsConfig, StatsState
+from .partials import Partials, nonfinite_channels, reduce_partials, valid_counts
+from .reference import stats_partials_reference
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class NonFiniteActivationError(ValueError):
+    """The activation holds NaN or Inf among its valid tokens; nothing was accumulated."""
+
+
+def _kernel(backend: str) -> Callable[..., Partials]:
+    if backend == "reference":
+        return stats_partials_reference
+    if backend == "triton":
+        from .triton_kernel import stats_partials_triton
+        return stats_partials_triton
+    if backend == "cpp":
+        from .cpu import stats_partials_cpu
+        return stats_partials_cpu
+    if backend == "cuda":
+        from .cuda import stats_partials_cuda
+        return stats_partials_cuda
+    raise ValueError(backend)
+
+
+def _preference(device: torch.device) -> tuple[str, ...]:
+    # the interpreter is a testing tool, never an automatic choice
+    return ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+
+
+def _as_samples(x: torch.Tensor, valid, segment_ids, num_personas: int):
+    """Validate and flatten to x [B, T, C], valid [B, T] bool, persona per sample [B] int64."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"accumulate_stats supports float32, float16 and bfloat16 activations, got {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape [..., tokens, channels] (at least 2-D), got {tuple(x.shape)}")
+    *lead, T, C = x.shape
+    B = 1
+    for d in lead:
+        B *= d
+    if valid is None:
+        valid3 = torch.ones(B, T, dtype=torch.bool, device=x.device)
+    else:
+        if not isinstance(valid, torch.Tensor) or tuple(valid.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"valid must be a tensor of shape {tuple(x.shape[:-1])} (x without its channel dim), "
+                             f"got {tuple(valid.shape) if isinstance(valid, torch.Tensor) else type(valid).__name__}")
+        if valid.dtype != torch.bool:
+            if valid.dtype.is_floating_point or valid.dtype.is_complex or bool(((valid != 0) & (valid != 1)).any()):
+                raise ValueError(f"valid must be boolean (or 0/1 integers), got {valid.dtype}")
+        valid3 = valid.to(device=x.device, dtype=torch.bool).reshape(B, T)
+    if segment_ids is None:
+        seg = torch.zeros(B, dtype=torch.int64, device=x.device)
+    else:
+        seg = torch.as_tensor(segment_ids, device=x.device)
+        if seg.dtype.is_floating_point or seg.dtype == torch.bool:
+            raise TypeError(f"segment_ids must be integers, got {seg.dtype}")
+        if tuple(seg.shape) != tuple(lead) and not (seg.numel() == B == 1):
+            raise ValueError(f"segment_ids must have shape {tuple(lead)} (one persona per sample), got {tuple(seg.shape)}")
+        seg = seg.reshape(B).to(torch.int64)
+        if B and (int(seg.min()) < 0 or int(seg.max()) >= num_personas):
+            raise ValueError(f"segment_ids must be in [0, {num_personas}) for a state of {num_personas} personas, "
+                             f"got values in [{int(seg.min())}, {int(seg.max())}]")
+    return x.reshape(B, T, C).contiguous(), valid3.contiguous(), seg
+
+
+def accumulate_stats(x: torch.Tensor, state: Optional[StatsState] = None, *, valid: Optional[torch.Tensor] = None,
+                     segment_ids=None, config: Optional[StatsConfig] = None, backend: str = "auto") -> StatsState:
+    """Accumulate statistics of activation ``x`` into ``state`` (created if None) and return it.
+
+    x:           [..., T, C] activation (float32/float16/bfloat16); every leading index is one
+                 *sample* (a text), T its tokens, C channels. Each call must see whole samples:
+                 the per-sample norm of a sample split over two calls counts as two samples.
+    valid:       optional [..., T] bool; False marks padding, which counts nowhere.
+    segment_ids: optional [...] ints, the persona of each sample (default 0), so several
+                 personas accumulate in one launch.
+    config:      StatsConfig for a new state (ignored when ``state`` is given).
+    backend:     'auto' (default), 'reference', 'triton', 'cpp' or 'cuda'.
+
+    NaN/Inf among valid tokens raise NonFiniteActivationError and leave ``state`` unchanged:
+    non-finite activations are a bug upstream, and silently skipping them would bias every
+    statistic. The state is only modified after the whole call succeeded.
+    """
+    if state is None:
+        if not isinstance(x, torch.Tensor) or x.ndim < 1:
+            raise TypeError("x must be a torch.Tensor with a channel dimension")
+        state = StatsState.empty(x.shape[-1], config or StatsConfig(), device=x.device)
+    elif not isinstance(state, StatsState):
+        raise TypeError(f"state must be a StatsState, got {type(state).__name__}")
+    if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[-1] != state.num_channels:
+        raise ValueError(f"x has {x.shape[-1]} channels but the statistics state has {state.num_channels}")
+    if isinstance(x, torch.Tensor) and x.device != state.device:
+        raise ValueError(f"x is on {x.device} but the statistics state is on {state.device}; move one of them")
+    x3, valid3, seg = _as_samples(x, valid, segment_ids, state.num_personas)
+    B, T, C = x3.shape
+    if B == 0 or T == 0:
+        return state
+    name = backends.resolve(backend, x3.device, _preference(x3.device))
+    part = _kernel(name)(x3, valid3, seg, state.edges, state.num_personas)
+    bad = nonfinite_channels(part)
+    if bad.numel():
+        raise NonFiniteActivationError(
+            f"activation contains NaN or Inf in {bad.numel()} channel(s) (first: {bad[:8].tolist()}); "
+            "nothing was accumulated")
+    n = valid_counts(part.chunks, valid3.reshape(-1))
+    delta = reduce_partials(part, n, B, state.num_personas, state.edges)
+    return state.merge_(delta)
+
+
+__all__ = ["accumulate_stats", "NonFiniteActivationError", "SUPPORTED_DTYPES"]

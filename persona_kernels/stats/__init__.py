@@ -1,0 +1,5 @@
+from .config import StatsConfig
+from .histogram import npti_edges, percentile
+from .state import StatsState, chan_merge
+
+__all__ = ["StatsConfig", "StatsState", "chan_merge", "npti_edges", "percentile"]
