@@ -1,0 +1,226 @@
+"""Calibration: run each persona's texts through a model and collect activation statistics.
+
+Statistics are gathered by forward hooks at every site (see sites.py) with accumulate_stats,
+all personas of a batch in one launch (segment ids), padding excluded. Hooks are always
+removed, even when a batch raises.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .fingerprint import architecture, check_fingerprint, model_fingerprint
+from .io import save_artifact, load_artifact
+from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
+from .sites import Site, discover_sites
+from .stats import StatsConfig, StatsState
+
+KIND = "statistics"
+
+
+@dataclass
+class CalibrationConfig:
+    """How to calibrate.
+
+    kinds:         site kinds, 'linear' (linear-layer inputs) and/or 'act' (gated-MLP activations).
+    layers:        decoder layer indices to keep (None: all).
+    mlp_only:      keep only sites inside MLP blocks.
+    include/exclude: regexes on site names.
+    batch_size, max_length: tokenisation and batching.
+    histogram_kinds: site kinds that also keep a histogram (NPTI needs it at 'act').
+    edges:         histogram edges (None: NPTI's).
+    backend:       accumulate_stats backend.
+    progress:      show a progress bar.
+    """
+
+    kinds: tuple = ("linear", "act")
+    layers: Optional[list] = None
+    mlp_only: bool = False
+    include: Optional[str] = None
+    exclude: Optional[str] = None
+    batch_size: int = 8
+    max_length: int = 512
+    histogram_kinds: tuple = ("act",)
+    edges: Optional[list] = None
+    backend: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        self.kinds = tuple(self.kinds)
+        self.histogram_kinds = tuple(self.histogram_kinds)
+        if not self.kinds or any(k not in ("linear", "act") for k in self.kinds):
+            raise ValueError(f"kinds must be a non-empty subset of ('linear', 'act'), got {self.kinds}")
+        if any(k not in ("linear", "act") for k in self.histogram_kinds):
+            raise ValueError(f"histogram_kinds must be a subset of ('linear', 'act'), got {self.histogram_kinds}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {self.max_length!r}")
+        if self.edges is not None:
+            StatsConfig(histogram=True, edges=self.edges)  # validates
+
+
+@dataclass
+class CalibrationResult:
+    """Statistics per site for several personas over one model."""
+
+    personas: list
+    sites: dict                      # site name -> Site
+    stats: dict                      # site name -> StatsState
+    fingerprint: str
+    architecture: str
+    config: dict = field(default_factory=dict)
+
+    def persona_index(self, name: str) -> int:
+        if name not in self.personas:
+            raise KeyError(f"persona {name!r} is not in these statistics; they hold {self.personas}")
+        return self.personas.index(name)
+
+    def summary(self) -> str:
+        first = next(iter(self.stats.values()))
+        lines = [f"{len(self.sites)} sites on {self.architecture} ({sum(s.kind == 'act' for s in self.sites.values())} MLP activation sites)"]
+        for i, p in enumerate(self.personas):
+            lines.append(f"  persona {p!r}: {int(first.samples[i])} samples, {int(first.count[i])} tokens")
+        return "\n".join(lines)
+
+    def save(self, path) -> str:
+        tensors = {f"{site}::{k}": v for site, st in self.stats.items() for k, v in st.tensors().items()}
+        meta = {"fingerprint": self.fingerprint, "architecture": self.architecture, "personas": self.personas,
+                "sites": {n: asdict(s) for n, s in self.sites.items()}, "config": self.config}
+        return save_artifact(path, tensors, KIND, meta)
+
+    @classmethod
+    def load(cls, path, model: Optional[nn.Module] = None) -> "CalibrationResult":
+        tensors, meta = load_artifact(path, KIND)
+        if model is not None:
+            check_fingerprint(model, meta["fingerprint"], f"statistics file {path}")
+        grouped: dict[str, dict] = {}
+        for key, t in tensors.items():
+            site, _, name = key.rpartition("::")
+            grouped.setdefault(site, {})[name] = t
+        sites = {n: Site(**s) for n, s in meta["sites"].items()}
+        if set(grouped) != set(sites):
+            raise ValueError(f"{path}: tensors and site list disagree (truncated or edited file?)")
+        stats = {n: StatsState.from_tensors(grouped[n]) for n in sites}
+        return cls(list(meta["personas"]), sites, stats, meta["fingerprint"], meta["architecture"], meta.get("config", {}))
+
+
+def _check_texts(texts_by_persona: Mapping[str, Sequence[str]]) -> list[tuple[str, int]]:
+    if not isinstance(texts_by_persona, Mapping) or not texts_by_persona:
+        raise ValueError("texts_by_persona must be a non-empty mapping {persona name: [texts]}")
+    items = []
+    for i, (persona, texts) in enumerate(texts_by_persona.items()):
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError(f"persona {persona!r}: expected a list of texts, got {type(texts).__name__}")
+        texts = [t for t in texts]
+        if not texts:
+            raise ValueError(f"persona {persona!r} has no calibration texts")
+        for j, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"persona {persona!r}, text {j}: expected str, got {type(t).__name__}")
+            if not t.strip():
+                raise ValueError(f"persona {persona!r}, text {j} is empty")
+        items.extend((t, i) for t in texts)
+    return items
+
+
+class _Collector:
+    """Forward hooks that feed each site's activation into its StatsState."""
+
+    def __init__(self, model: nn.Module, sites: list[Site], num_personas: int, cfg: CalibrationConfig):
+        self.sites, self.cfg, self.P = sites, cfg, num_personas
+        self.stats: dict[str, StatsState] = {}
+        self.valid: Optional[torch.Tensor] = None
+        self.segments: Optional[torch.Tensor] = None
+        self.handles = []
+        modules = dict(model.named_modules())
+        for s in sites:
+            mod = modules[s.module]
+            if s.kind == "linear":
+                self.handles.append(mod.register_forward_pre_hook(self._hook(s, from_output=False)))
+            else:
+                self.handles.append(mod.register_forward_hook(self._hook(s, from_output=True)))
+
+    def _hook(self, site: Site, from_output: bool):
+        def hook(module, args, *rest):
+            x = rest[0] if from_output else args[0]
+            self.collect(site, x)
+        return hook
+
+    def collect(self, site: Site, x: torch.Tensor) -> None:
+        B, T = self.valid.shape
+        if x.shape[:-1] != (B, T):
+            if x.ndim == 2 and x.shape[0] == B * T:
+                x = x.view(B, T, -1)
+            else:
+                raise RuntimeError(f"site {site.name}: activation of shape {tuple(x.shape)} does not match the batch ({B}, {T})")
+        state = self.stats.get(site.name)
+        if state is None:
+            hist = site.kind in self.cfg.histogram_kinds
+            cfg = StatsConfig(self.P, histogram=hist, edges=self.cfg.edges if hist else None)
+            state = self.stats[site.name] = StatsState.empty(x.shape[-1], cfg, device=x.device)
+        try:
+            accumulate_stats(x.detach(), state, valid=self.valid.to(x.device), segment_ids=self.segments.to(x.device),
+                             backend=self.cfg.backend)
+        except NonFiniteActivationError as exc:
+            raise NonFiniteActivationError(f"site {site.name}: {exc}") from exc
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+@torch.inference_mode()
+def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequence[str]],
+              config: Optional[CalibrationConfig] = None, **overrides) -> CalibrationResult:
+    """Collect activation statistics of every site for each persona's texts.
+
+    ``texts_by_persona``: {persona name: [text, ...]}. Keyword overrides update ``config``
+    (e.g. ``batch_size=4, mlp_only=True``). Returns a CalibrationResult (save()/load()).
+    """
+    cfg = config or CalibrationConfig()
+    if overrides:
+        cfg = CalibrationConfig(**{**asdict(cfg), **overrides})
+    items = _check_texts(texts_by_persona)
+    personas = list(texts_by_persona)
+    sites = discover_sites(model, cfg.kinds, cfg.layers, cfg.mlp_only, cfg.include, cfg.exclude)
+    if not sites:
+        raise ValueError("no statistics sites match the configuration (check layers/mlp_only/include/exclude)")
+    # longest first: padding stays small and a batch that runs out of memory fails early
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+
+    pad_added = tokenizer.pad_token is None
+    if pad_added:
+        tokenizer.pad_token = tokenizer.eos_token
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    collector = _Collector(model, sites, len(personas), cfg)
+    try:
+        from tqdm.auto import tqdm
+
+        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not cfg.progress):
+            enc = tokenizer([items[i][0] for i in batch], return_tensors="pt", padding=True, truncation=True,
+                            max_length=cfg.max_length)
+            collector.valid = enc["attention_mask"].to(torch.bool)
+            collector.segments = torch.tensor([items[i][1] for i in batch], dtype=torch.int64)
+            model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), use_cache=False)
+    finally:
+        collector.remove()
+        model.train(was_training)
+        if pad_added:
+            tokenizer.pad_token = None
+    missing = [s.name for s in sites if s.name not in collector.stats]
+    if missing:
+        raise RuntimeError(f"{len(missing)} site(s) were never called during the forward pass (first: {missing[:3]})")
+    return CalibrationResult(
+        personas=personas, sites={s.name: s for s in sites}, stats={s.name: collector.stats[s.name] for s in sites},
+        fingerprint=model_fingerprint(model), architecture=architecture(model),
+        config=json.loads(json.dumps(asdict(cfg))),
+    )

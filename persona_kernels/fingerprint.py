@@ -1,0 +1,45 @@
+"""A model fingerprint: architecture, layer names and shapes, so artifacts find their model."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch.nn as nn
+
+try:  # GPT-2 style models use transformers' Conv1D (weight stored [in, out])
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a dependency, but keep import-light
+    Conv1D = ()
+
+
+class FingerprintMismatch(ValueError):
+    """An artifact was made for a different model than the one it is used with."""
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out_features, in_features) of an nn.Linear or Conv1D, else None."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    return None
+
+
+def architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return f"{type(model).__name__}/{getattr(cfg, 'model_type', 'unknown')}"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the architecture and every linear layer's name and shape."""
+    layers = [(name, linear_shape(m)) for name, m in model.named_modules() if linear_shape(m) is not None]
+    blob = json.dumps({"arch": architecture(model), "linear": layers}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def check_fingerprint(model: nn.Module, expected: str, what: str) -> None:
+    got = model_fingerprint(model)
+    if got != expected:
+        raise FingerprintMismatch(
+            f"{what} was made for a different model (fingerprint {expected}, this {architecture(model)} model has {got}): "
+            "architecture, layer names or shapes differ")
