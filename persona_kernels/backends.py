@@ -6,6 +6,7 @@ import os
 import torch
 
 from . import _native
+from ._native import BackendUnavailable  # noqa: F401  (re-exported for ops)
 
 BACKENDS = ("reference", "triton", "cpp", "cuda")
 

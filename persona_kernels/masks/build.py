@@ -1,0 +1,122 @@
+"""Build persona masks for a whole model from calibration statistics."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..calibrate import CalibrationResult
+from ..fingerprint import check_fingerprint
+from ..fingerprint import Conv1D
+from . import methods
+from .store import MaskStore
+
+METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse")
+STATISTICS = ("sample_norm", "token_norm")
+
+
+@dataclass
+class MaskConfig:
+    """How to build masks.
+
+    method:      'wanda' (one mask per persona), 'contrastive_wanda' or 'contrastive_sparse'
+                 (two opposing personas, given as (positive, negative)).
+    sparsity:    fraction of weights removed, in [0, 1) (N:M fixes it at 1 - N/M).
+    granularity: 'row' (top-k per output row, default), 'layer' or 'nm'.
+    statistic:   A for Wanda scores: 'sample_norm' (mean over samples of the per-sample L2
+                 norm, the paper's default) or 'token_norm' (Wanda's sqrt(sum_t x_tj^2)).
+    contrast, tau: g in Contrastive-Wanda: 'relu' or 'softplus' (softplus(z / tau)).
+    mlp_only, layers, include, exclude: which linear layers get masks (default all that
+                 were calibrated, i.e. every linear layer but the LM head).
+    """
+
+    method: str = "wanda"
+    sparsity: float = 0.5
+    granularity: str = "row"
+    n: int = 2
+    m: int = 4
+    statistic: str = "sample_norm"
+    contrast: str = "relu"
+    tau: float = 2.0
+    mlp_only: bool = False
+    layers: Optional[list] = None
+    include: Optional[str] = None
+    exclude: Optional[str] = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown mask method {self.method!r}; choose one of {METHODS}")
+        methods.check_sparsity(self.sparsity)
+        if self.granularity not in methods.GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {methods.GRANULARITIES}")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {self.statistic!r}; choose one of {STATISTICS}")
+        if self.contrast not in ("relu", "softplus"):
+            raise ValueError(f"unknown contrast {self.contrast!r}; use 'relu' or 'softplus'")
+        if self.method == "contrastive_sparse" and self.granularity != "row":
+            raise ValueError("contrastive_sparse selects per row; granularity must be 'row'")
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in linear orientation [out, in] (Conv1D stores it [in, out])."""
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight
+
+
+def _layers(calib: CalibrationResult, cfg: MaskConfig) -> list[str]:
+    names = [n for n, s in calib.sites.items() if s.kind == "linear"]
+    if cfg.layers is not None:
+        keep = set(cfg.layers)
+        names = [n for n in names if calib.sites[n].layer in keep]
+    if cfg.mlp_only:
+        names = [n for n in names if re.search(r"(^|\.)(mlp|feed_forward|ffn)(\.|$)", n)]
+    if cfg.include:
+        names = [n for n in names if re.search(cfg.include, n)]
+    if cfg.exclude:
+        names = [n for n in names if not re.search(cfg.exclude, n)]
+    if not names:
+        raise ValueError("no calibrated linear layers match the mask configuration")
+    return names
+
+
+def _act(st, i: int, statistic: str) -> torch.Tensor:
+    return st.sample_norm_mean()[i] if statistic == "sample_norm" else st.wanda_norm()[i]
+
+
+@torch.no_grad()
+def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[Sequence[str]] = None,
+                config: Optional[MaskConfig] = None, **overrides) -> MaskStore:
+    """Masks for ``personas`` (default: all calibrated; two, (positive, negative), for contrastive methods)."""
+    cfg = config or MaskConfig()
+    if overrides:
+        cfg = MaskConfig(**{**asdict(cfg), **overrides})
+    check_fingerprint(model, calib.fingerprint, "the calibration statistics")
+    personas = list(personas) if personas is not None else list(calib.personas)
+    idx = [calib.persona_index(p) for p in personas]
+    if cfg.method != "wanda" and len(personas) != 2:
+        raise ValueError(f"{cfg.method} needs exactly two opposing personas (positive, negative), got {personas}")
+    modules = dict(model.named_modules())
+    out = {p: {} for p in personas}
+    for layer in _layers(calib, cfg):
+        st = calib.stats[layer]
+        w = linear_weight(modules[layer])
+        sel = dict(sparsity=cfg.sparsity, granularity=cfg.granularity, n=cfg.n, m=cfg.m, backend=cfg.backend)
+        if cfg.method == "wanda":
+            for p, i in zip(personas, idx):
+                out[p][layer] = methods.wanda_mask(w, _act(st, i, cfg.statistic), **sel).cpu()
+            continue
+        i, j = idx
+        if cfg.method == "contrastive_wanda":
+            pos, neg = methods.contrastive_wanda_masks(
+                w, st.sample_norm_mean()[i], st.sample_norm_var()[i], st.sample_norm_mean()[j], st.sample_norm_var()[j],
+                contrast=cfg.contrast, tau=cfg.tau, **sel)
+        else:
+            pos, neg = methods.contrastive_sparse_masks(w, _act(st, i, cfg.statistic), _act(st, j, cfg.statistic),
+                                                        cfg.sparsity, cfg.backend)
+        out[personas[0]][layer], out[personas[1]][layer] = pos.cpu(), neg.cpu()
+    return MaskStore.from_masks(model, out, cfg.method, asdict(cfg))

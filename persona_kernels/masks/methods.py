@@ -1,0 +1,113 @@
+"""Mask methods on one weight matrix (BRIEF 2.1, 2.2): scores and selection.
+
+Weights are in linear orientation [out, in]. Scores are float32: |W| * A with A cast to
+float32 first, so every backend ranks exactly the same numbers. Selection keeps the top-k of
+each row (default), of the whole layer, or N of every M consecutive inputs, with ties broken
+towards the lower index (row-major index for per-layer selection).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.topk_mask import topk_mask
+
+GRANULARITIES = ("row", "layer", "nm")
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def keep_count(n: int, sparsity: float) -> int:
+    """Entries kept out of n at the given sparsity: int(n * (1 - sparsity))."""
+    return int(n * (1.0 - check_sparsity(sparsity)))
+
+
+def wanda_score(weight: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| * A_j, float32."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if act.shape != (weight.shape[1],):
+        raise ValueError(f"activation statistic has shape {tuple(act.shape)}, expected ({weight.shape[1]},) for a weight of shape {tuple(weight.shape)}")
+    a = act.to(device=weight.device, dtype=torch.float32)
+    if not torch.isfinite(a).all():
+        raise ValueError("activation statistic contains NaN/Inf (a persona with no calibration tokens?)")
+    return weight.detach().abs().to(torch.float32) * a
+
+
+def select(score: torch.Tensor, sparsity: float = 0.5, granularity: str = "row", n: int = 2, m: int = 4,
+           backend: str = "auto") -> torch.Tensor:
+    """Boolean keep-mask from a score matrix [out, in]."""
+    out_f, in_f = score.shape
+    if granularity == "row":
+        return topk_mask(score, keep_count(in_f, sparsity), backend)
+    if granularity == "layer":
+        return topk_mask(score.reshape(1, -1), keep_count(out_f * in_f, sparsity), backend).view(out_f, in_f)
+    if granularity == "nm":
+        if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+            raise ValueError(f"N:M selection needs 0 < N <= M, got {n}:{m}")
+        if in_f % m:
+            raise ValueError(f"N:M selection needs in_features ({in_f}) divisible by M ({m})")
+        return topk_mask(score.reshape(-1, m), n, backend).view(out_f, in_f)
+    raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
+
+
+def wanda_mask(weight, act, sparsity=0.5, granularity="row", n=2, m=4, backend="auto") -> torch.Tensor:
+    """Persona mask: keep the highest |W| * A (BRIEF 2.1)."""
+    return select(wanda_score(weight, act), sparsity, granularity, n, m, backend)
+
+
+def contrastive_z(mean_pos, var_pos, mean_neg, var_neg) -> torch.Tensor:
+    """z_j = (m+ - m-) / sqrt(v+ + v- + 1e-6), from per-sample-norm means and population variances."""
+    z = (mean_pos.double() - mean_neg.double()) / (var_pos.double() + var_neg.double() + 1e-6).sqrt()
+    if not torch.isfinite(z).all():
+        raise ValueError("contrastive z-score is not finite (a persona with no calibration samples?)")
+    return z
+
+
+def contrastive_wanda_masks(weight, mean_pos, var_pos, mean_neg, var_neg, sparsity=0.5, granularity="row",
+                            contrast="relu", tau=2.0, n=2, m=4, backend="auto"):
+    """Contrastive-Wanda (BRIEF 2.2): S+ = |W| * g(z), S- = |W| * g(-z), g = relu or softplus(./tau).
+
+    Where g is zero (relu) the scores tie at 0 and the lower input index wins, so the masks are
+    deterministic even when fewer than k inputs favour a persona.
+    """
+    z = contrastive_z(mean_pos, var_pos, mean_neg, var_neg)
+    if contrast == "relu":
+        g_pos, g_neg = F.relu(z), F.relu(-z)
+    elif contrast == "softplus":
+        if not tau > 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        g_pos, g_neg = F.softplus(z / tau), F.softplus(-z / tau)
+    else:
+        raise ValueError(f"unknown contrast {contrast!r}; use 'relu' or 'softplus'")
+    return (select(wanda_score(weight, g_pos), sparsity, granularity, n, m, backend),
+            select(wanda_score(weight, g_neg), sparsity, granularity, n, m, backend))
+
+
+def contrastive_sparse_masks(weight, act_pos, act_neg, sparsity=0.5, backend="auto"):
+    """Contrastive-Sparse (BRIEF 2.2): disjoint masks from row-normalised Wanda scores.
+
+    D = S~+ - S~- with S~ = S / sum_row(S). Per row, the + mask keeps the k inputs with the
+    largest D (where + scores higher first, by margin |D|) and the - mask the k with the
+    smallest D. Ties: + takes lower columns first, - takes higher columns first, so the two
+    never meet: the masks are disjoint whenever 2k <= in, i.e. sparsity >= 0.5.
+    """
+    s_pos, s_neg = wanda_score(weight, act_pos).double(), wanda_score(weight, act_neg).double()
+    d = (s_pos / s_pos.sum(1, keepdim=True).clamp_min(1e-300) - s_neg / s_neg.sum(1, keepdim=True).clamp_min(1e-300))
+    k = keep_count(weight.shape[1], sparsity)
+    if 2 * k > weight.shape[1]:
+        raise ValueError(f"Contrastive-Sparse masks are disjoint, so each keeps at most half of a row: sparsity must "
+                         f"be >= 0.5 (got {sparsity}, keeping {k} of {weight.shape[1]})")
+    return topk_mask(d, k, backend), topk_mask((-d).flip(1), k, backend).flip(1)
+
+
+def soft_gate(mask: torch.Tensor, gamma: float, dtype=torch.float32) -> torch.Tensor:
+    """G = M + gamma * (1 - M); gamma = 0 is the hard mask, gamma = 1 the dense weight."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    m = mask.to(dtype)
+    return m + gamma * (1 - m)

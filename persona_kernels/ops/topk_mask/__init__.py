@@ -1,0 +1,40 @@
+"""topk_mask: per-row top-k selection with a deterministic tie rule (lower column wins).
+
+The selection behind every persona mask. Backends: the PyTorch reference (anywhere) and a
+C++/OpenMP kernel (CPU; nth_element per row under the same total order). Both give the
+same mask bit for bit, because the order (score desc, column asc) is total.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import backends
+from .reference import topk_mask_reference
+
+
+def topk_mask(score: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
+    """Boolean mask keeping the ``k`` highest scores of each row of ``score`` [R, n]."""
+    if not isinstance(score, torch.Tensor) or score.ndim != 2:
+        raise ValueError(f"score must be a 2-D tensor [rows, n], got {getattr(score, 'shape', type(score).__name__)}")
+    if not score.dtype.is_floating_point:
+        raise TypeError(f"score must be floating point, got {score.dtype}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k > score.shape[1]:
+        raise ValueError(f"k must be an int in [0, {score.shape[1]}], got {k!r}")
+    if torch.isnan(score).any():
+        raise ValueError("score contains NaN; scores must be comparable")
+    from .cpu import has_kernel, topk_mask_cpu
+
+    auto = backend == "auto"
+    name = backends.resolve(backend, score.device, ("cpp",) if score.device.type == "cpu" else ())
+    if name == "cpp" and not has_kernel():
+        if not auto:
+            raise backends.BackendUnavailable("the C++ extension was built without topk_mask; rebuild the package")
+        name = "reference"
+    if name not in ("reference", "cpp"):
+        raise ValueError(f"topk_mask has no {name!r} kernel; use 'reference' or 'cpp'")
+    if name == "cpp" and 0 < k < score.shape[1] and score.dtype in (torch.float32, torch.float64):
+        return topk_mask_cpu(score, k)
+    return topk_mask_reference(score, k)
+
+
+__all__ = ["topk_mask", "topk_mask_reference"]
