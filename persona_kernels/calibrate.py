@@ -20,6 +20,7 @@ from .sites import Site, discover_sites
 from .stats import StatsConfig, StatsState
 
 KIND = "statistics"
+TOKEN_SCOPES = ("prompt", "generated", "both")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class CalibrationConfig:
     edges:         histogram edges (None: NPTI's).
     backend:       accumulate_stats backend.
     progress:      show a progress bar.
+    token_scope:   which tokens count: 'prompt' (the texts themselves, default), 'generated'
+                   (the model's greedy continuation of each text, as NPTI's reference does) or
+                   'both'. Generation stops at EOS or after ``max_new_tokens``.
     """
 
     kinds: tuple = ("linear", "act")
@@ -48,6 +52,8 @@ class CalibrationConfig:
     edges: Optional[list] = None
     backend: str = "auto"
     progress: bool = True
+    token_scope: str = "prompt"
+    max_new_tokens: int = 32
 
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
@@ -62,6 +68,10 @@ class CalibrationConfig:
             raise ValueError(f"max_length must be a positive int, got {self.max_length!r}")
         if self.edges is not None:
             StatsConfig(histogram=True, edges=self.edges)  # validates
+        if self.token_scope not in TOKEN_SCOPES:
+            raise ValueError(f"token_scope must be one of {TOKEN_SCOPES}, got {self.token_scope!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
 
 
 @dataclass
@@ -136,6 +146,7 @@ class _Collector:
         self.stats: dict[str, StatsState] = {}
         self.valid: Optional[torch.Tensor] = None
         self.segments: Optional[torch.Tensor] = None
+        self.enabled = True
         self.handles = []
         modules = dict(model.named_modules())
         for s in sites:
@@ -147,8 +158,8 @@ class _Collector:
 
     def _hook(self, site: Site, from_output: bool):
         def hook(module, args, *rest):
-            x = rest[0] if from_output else args[0]
-            self.collect(site, x)
+            if self.enabled:
+                self.collect(site, rest[0] if from_output else args[0])
         return hook
 
     def collect(self, site: Site, x: torch.Tensor) -> None:
@@ -175,6 +186,25 @@ class _Collector:
         self.handles.clear()
 
 
+def _forward_with_generation(model, tokenizer, collector: _Collector, ids, attn, cfg: CalibrationConfig) -> None:
+    """Generate greedily (hooks off), then one forward over prompt + continuation with the scope as mask."""
+    collector.enabled = False
+    try:
+        seq = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    finally:
+        collector.enabled = True
+    gen = seq[:, ids.shape[1]:]
+    eos = tokenizer.eos_token_id
+    # generated tokens before the first EOS are real; EOS and what follows is padding
+    real = (torch.cumsum((gen == eos).to(torch.int64), 1) == 0) if eos is not None else torch.ones_like(gen, dtype=torch.bool)
+    full_attn = torch.cat([attn.to(torch.bool), real], 1)
+    scope = torch.cat([attn.to(torch.bool) if cfg.token_scope == "both" else torch.zeros_like(attn, dtype=torch.bool), real], 1)
+    collector.valid = scope
+    position_ids = (full_attn.to(torch.int64).cumsum(1) - 1).clamp(min=0)
+    model(input_ids=seq, attention_mask=full_attn.to(attn.dtype), position_ids=position_ids, use_cache=False)
+
+
 @torch.inference_mode()
 def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequence[str]],
               config: Optional[CalibrationConfig] = None, **overrides) -> CalibrationResult:
@@ -198,6 +228,9 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
     pad_added = tokenizer.pad_token is None
     if pad_added:
         tokenizer.pad_token = tokenizer.eos_token
+    padding_side = tokenizer.padding_side
+    if cfg.token_scope != "prompt":
+        tokenizer.padding_side = "left"  # generation continues every row from its last real token
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -208,12 +241,17 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
         for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not cfg.progress):
             enc = tokenizer([items[i][0] for i in batch], return_tensors="pt", padding=True, truncation=True,
                             max_length=cfg.max_length)
-            collector.valid = enc["attention_mask"].to(torch.bool)
             collector.segments = torch.tensor([items[i][1] for i in batch], dtype=torch.int64)
-            model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), use_cache=False)
+            ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            if cfg.token_scope == "prompt":
+                collector.valid = attn.to(torch.bool)
+                model(input_ids=ids, attention_mask=attn, use_cache=False)
+            else:
+                _forward_with_generation(model, tokenizer, collector, ids, attn, cfg)
     finally:
         collector.remove()
         model.train(was_training)
+        tokenizer.padding_side = padding_side
         if pad_added:
             tokenizer.pad_token = None
     missing = [s.name for s in sites if s.name not in collector.stats]

@@ -1,0 +1,138 @@
+"""NPTI identification, induction vectors and the induce_neurons op."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from persona_kernels.calibrate import CalibrationResult, calibrate
+from persona_kernels.fingerprint import FingerprintMismatch
+from persona_kernels.models import char_tokenizer, tiny_causal_lm
+from persona_kernels.npti import NeuronSet, identify_neurons, induction_vectors, push_strength
+from persona_kernels.ops.induce_neurons import induce_neurons
+from persona_kernels.sites import Site
+from persona_kernels.stats import StatsConfig, StatsState
+
+from conftest import kernel_backends
+
+INDUCE_BACKENDS = [p for p in kernel_backends() if p.values[0] in ("reference", "triton", "cpp")]
+
+
+def _fake_calib(p_a, p_o, hist_value=0.5):
+    """A CalibrationResult whose act sites have the given firing probabilities (per site lists)."""
+    sites, stats = {}, {}
+    for k, (pa, po) in enumerate(zip(p_a, p_o)):
+        I = len(pa)
+        st = StatsState.empty(I, StatsConfig(num_personas=2, histogram=True))
+        st.count[:] = 1000
+        st.pos[0] = torch.round(torch.tensor(pa) * 1000).long()
+        st.pos[1] = torch.round(torch.tensor(po) * 1000).long()
+        st.hist[:, :, 51] = 1000  # all mass in bin (0.50, 0.51]
+        name = f"model.layers.{k}.mlp.act_fn"
+        sites[name] = Site(name, "act", name, I, k)
+        stats[name] = st
+    return CalibrationResult(["T", "notT"], sites, stats, "fp", "Fake/llama")
+
+
+def plain_selection(p_a, p_o, threshold, min_neurons):
+    entries = [(pa - po, k, j) for k, (ra, ro) in enumerate(zip(p_a, p_o)) for j, (pa, po) in enumerate(zip(ra, ro))]
+    order = sorted(entries, key=lambda e: (-e[0], e[1], e[2]))
+    n = max(sum(e[0] >= threshold - 1e-12 for e in entries), min(min_neurons, len(entries)))
+    return sorted((k, j) for _, k, j in order[:n])
+
+
+def test_threshold_and_min_neurons():
+    rng = np.random.default_rng(0)
+    p_a = [list(rng.integers(0, 1000, 40) / 1000) for _ in range(3)]
+    p_o = [list(rng.integers(0, 1000, 40) / 1000) for _ in range(3)]
+    calib = _fake_calib(p_a, p_o)
+    for threshold, min_n in [(0.1, 0), (0.1, 5), (0.5, 70), (0.99, 3), (0.0, 500)]:
+        ns = identify_neurons(calib, "T", "notT", threshold=threshold, min_neurons=min_n)
+        got = sorted(zip(ns.site.tolist(), ns.index.tolist()))
+        assert got == plain_selection(p_a, p_o, threshold, min_n), (threshold, min_n)
+        assert len(ns) <= 120
+    ns = identify_neurons(calib, "T", "notT", min_neurons=10_000)
+    assert len(ns) == 120  # capped by the model size
+
+
+def test_ties_break_by_layer_then_index():
+    calib = _fake_calib([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]], [[0.45] * 3, [0.45] * 3])
+    ns = identify_neurons(calib, "T", "notT", threshold=0.1, min_neurons=4)
+    assert list(zip(ns.site.tolist(), ns.index.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert torch.allclose(ns.p95, torch.full((4,), 0.50, dtype=torch.float64))
+
+
+def test_npti_not_applicable_and_bad_input():
+    model = tiny_causal_lm("gpt2")
+    calib = calibrate(model, char_tokenizer(), {"a": ["hi there"], "b": ["hello"]}, progress=False)
+    with pytest.raises(ValueError, match="NPTI is not applicable"):
+        identify_neurons(calib, "a", "b")
+    with pytest.raises(KeyError, match="'c'"):
+        identify_neurons(calib, "a", "c")
+    with pytest.raises(ValueError, match="different"):
+        identify_neurons(calib, "a", "a")
+
+
+def test_on_model_save_load(tmp_path):
+    model = tiny_causal_lm("qwen2", seed=4)
+    calib = calibrate(model, char_tokenizer(), {"x": ["I love parties!", "Yes!"], "y": ["A quiet night.", "No."]},
+                      progress=False)
+    ns = identify_neurons(calib, "x", "y", min_neurons=20)
+    assert len(ns) >= 20 and ns.sites == [n for n, s in calib.sites.items() if s.kind == "act"]
+    st = calib.stats[ns.sites[0]]
+    idx, diff, p95 = ns.at(ns.sites[0])
+    torch.testing.assert_close(diff, (st.firing_prob()[0] - st.firing_prob()[1])[idx])
+    torch.testing.assert_close(p95, st.percentile(95)[0][idx])
+    back = NeuronSet.load(ns.save(tmp_path / "n.safetensors"), model=model)
+    assert back.aspect == "x" and all(torch.equal(getattr(back, k), v) for k, v in ns.tensors().items())
+    with pytest.raises(FingerprintMismatch):
+        NeuronSet.load(tmp_path / "n.safetensors", model=tiny_causal_lm("llama"))
+
+
+def test_induction_vectors():
+    calib = _fake_calib([[0.9, 0.9, 0.1, 0.1]], [[0.1, 0.1, 0.9, 0.9]])
+    t = identify_neurons(calib, "T", "notT", min_neurons=0)
+    o = identify_neurons(calib, "notT", "T", min_neurons=0)
+    site = t.sites[0]
+    deact, add = induction_vectors(t, o, site, 4, strength=1.0, keep_prob=1.0)
+    assert deact.tolist() == [False, False, True, True]
+    want = 0.5 * 1.0 / (1 + math.exp(-10 * (0.8 - 0.15)))
+    assert add[:2].tolist() == pytest.approx([want, want], rel=1e-6) and add[2:].tolist() == [0, 0]
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a1 = induction_vectors(t, o, site, 4, keep_prob=0.5, generator=g1)[1]
+    a2 = induction_vectors(t, o, site, 4, keep_prob=0.5, generator=g2)[1]
+    assert torch.equal(a1, a2)  # seeded
+    assert induction_vectors(t, o, site, 4, keep_prob=0.0)[1].abs().sum() == 0
+    assert push_strength(torch.tensor([0.5]), torch.tensor([-math.inf]), 1.0).item() == 0.0
+    with pytest.raises(ValueError, match="out of range"):
+        induction_vectors(t, o, site, 1)
+
+
+@pytest.mark.parametrize("backend", INDUCE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(5, 123, 123), (1, 1, 7), (3, 200)], ids=str)
+def test_induce_op_matches_float64(backend, dtype, shape):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    g = torch.Generator().manual_seed(sum(shape))
+    a = torch.randn(*shape, generator=g).to(dtype)
+    I = shape[-1]
+    deact = torch.rand(I, generator=g) > 0.6
+    add = torch.where(torch.rand(I, generator=g) > 0.5, torch.rand(I, generator=g), torch.zeros(I))
+    out = induce_neurons(a, deact, add, backend=backend)
+    a64 = a.double()
+    want = torch.where(deact, a64.clamp(max=0), a64) + add.double()
+    assert out.dtype == dtype and out.shape == a.shape
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    assert torch.equal(out, induce_neurons(a, deact, add, backend="reference"))
+
+
+def test_induce_op_bad_input():
+    a = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="deactivate"):
+        induce_neurons(a, torch.zeros(7, dtype=torch.bool), torch.zeros(8))
+    with pytest.raises(ValueError, match="add must be a float32"):
+        induce_neurons(a, torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        induce_neurons(a.double(), torch.zeros(8, dtype=torch.bool), torch.zeros(8))
