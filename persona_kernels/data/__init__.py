@@ -1,9 +1,17 @@
-"""Calibration texts written for this project (one sample per line)."""
+"""Calibration texts written for this project (one sample per line), and the data loaders."""
 from __future__ import annotations
 
 from importlib import resources
 
-BUILTIN_PERSONAS = {"extraversion": "extraversion.txt", "introversion": "introversion.txt"}
+from .loaders import (DataFormatError, MCItem, PersonalityBench, load_mc_csv, load_personalitybench, load_persona_csv,
+                      load_text_lines)
+
+BUILTIN_PERSONAS = {
+    "extraversion": "extraversion.txt", "introversion": "introversion.txt",
+    "power_seeking": "power_seeking.txt", "power_averse": "power_averse.txt",
+}
+# opposing pairs (positive, negative) of the built-in sets
+BUILTIN_PAIRS = {"extraversion": ("extraversion", "introversion"), "power": ("power_seeking", "power_averse")}
 
 
 def builtin_texts(persona: str) -> list[str]:
@@ -11,3 +19,14 @@ def builtin_texts(persona: str) -> list[str]:
         raise KeyError(f"no built-in texts for persona {persona!r}; available: {sorted(BUILTIN_PERSONAS)}")
     text = resources.files(__name__).joinpath(BUILTIN_PERSONAS[persona]).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def builtin_pair(name: str) -> dict[str, list[str]]:
+    """{positive: texts, negative: texts} of a built-in opposing pair ('extraversion' or 'power')."""
+    if name not in BUILTIN_PAIRS:
+        raise KeyError(f"no built-in pair {name!r}; available: {sorted(BUILTIN_PAIRS)}")
+    return {p: builtin_texts(p) for p in BUILTIN_PAIRS[name]}
+
+
+__all__ = ["BUILTIN_PAIRS", "BUILTIN_PERSONAS", "DataFormatError", "MCItem", "PersonalityBench", "builtin_pair",
+           "builtin_texts", "load_mc_csv", "load_personalitybench", "load_persona_csv", "load_text_lines"]

@@ -1,0 +1,157 @@
+"""Loaders for the data formats seen in the wild (BRIEF 2.5). Errors name the file and line."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+
+TRAIN_HEADER = ["question", "matching", "not_matching"]
+MC_HEADER = ["question", "A", "B", "matching"]
+BIG_FIVE = ("Openness", "Conscientiousness", "Extraversion", "Agreeableness", "Neuroticism")
+
+
+class DataFormatError(ValueError):
+    """A data file is malformed; the message names the file and line."""
+
+
+def _read(path) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def load_text_lines(path) -> list[str]:
+    """Plain text, one sample per line; blank lines are skipped."""
+    lines = [ln.strip() for ln in _read(path).splitlines()]
+    out = [ln for ln in lines if ln]
+    if not out:
+        raise DataFormatError(f"{os.fspath(path)}: no samples (empty file)")
+    return out
+
+
+def _csv_rows(path, header: list[str], optional: tuple = ()) -> list[tuple[int, dict]]:
+    path = os.fspath(path)
+    reader = csv.reader(_read(path).splitlines(keepends=True))
+    try:
+        got = next(reader)
+    except StopIteration:
+        raise DataFormatError(f"{path}: empty file, expected header {','.join(header)}") from None
+    except csv.Error as exc:
+        raise DataFormatError(f"{path}, line 1: {exc}") from exc
+    if [h.strip() for h in got] != header:
+        raise DataFormatError(f"{path}, line 1: header is {','.join(got)!r}, expected {','.join(header)!r}")
+    rows = []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise DataFormatError(f"{path}, line {line}: {len(row)} fields, expected {len(header)} ({','.join(header)})")
+            rec = dict(zip(header, (c.strip() for c in row)))
+            empty = [k for k, v in rec.items() if not v and k not in optional]
+            if empty:
+                raise DataFormatError(f"{path}, line {line}: empty field(s) {empty}")
+            rows.append((line, rec))
+    except csv.Error as exc:
+        raise DataFormatError(f"{path}, line {reader.line_num}: {exc}") from exc
+    if not rows:
+        raise DataFormatError(f"{path}: no data rows")
+    return rows
+
+
+def load_persona_csv(path, positive: str = "matching", negative: str = "not_matching",
+                     template: str = "{question} {answer}") -> dict[str, list[str]]:
+    """Train CSV `question,matching,not_matching` -> {positive: texts, negative: texts}.
+
+    Each text is ``template`` filled with the question and that persona's answer. A row with an
+    empty question (the public sets have a few) keeps just the answer; empty answers are errors.
+    """
+    rows = _csv_rows(path, TRAIN_HEADER, optional=("question",))
+    fill = lambda r, a: template.format(question=r["question"], answer=r[a]).strip()  # noqa: E731
+    return {positive: [fill(r, "matching") for _, r in rows], negative: [fill(r, "not_matching") for _, r in rows]}
+
+
+@dataclass(frozen=True)
+class MCItem:
+    """A two-way multiple-choice item; ``matching`` is 'A' or 'B' (the persona's answer)."""
+
+    question: str
+    a: str
+    b: str
+    matching: str
+
+
+def load_mc_csv(path) -> list[MCItem]:
+    """Test CSV `question,A,B,matching` (matching is A or B)."""
+    items = []
+    for line, r in _csv_rows(path, MC_HEADER):
+        m = r["matching"].strip().upper()
+        if m not in ("A", "B"):
+            raise DataFormatError(f"{os.fspath(path)}, line {line}: matching must be 'A' or 'B', got {r['matching']!r}")
+        items.append(MCItem(r["question"], r["A"], r["B"], m))
+    return items
+
+
+def _jsonl(path) -> list[tuple[int, dict]]:
+    out = []
+    for i, line in enumerate(_read(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise DataFormatError(f"{os.fspath(path)}, line {i}: invalid JSON ({exc})") from exc
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{os.fspath(path)}, line {i}: expected a JSON object")
+        out.append((i, obj))
+    if not out:
+        raise DataFormatError(f"{os.fspath(path)}: no records")
+    return out
+
+
+@dataclass
+class PersonalityBench:
+    """PersonalityBench: descriptions per pole ('Openness', 'Openness_reversed', ...) and test questions per trait."""
+
+    descriptions: dict = field(default_factory=dict)
+    questions: dict = field(default_factory=dict)
+
+    def texts_by_persona(self, trait: str) -> dict[str, list[str]]:
+        """{trait: descriptions, trait_reversed: descriptions} for calibrating one trait's two poles."""
+        if trait not in BIG_FIVE:
+            raise KeyError(f"unknown trait {trait!r}; choose one of {BIG_FIVE}")
+        return {trait: self.descriptions[trait], f"{trait}_reversed": self.descriptions[f"{trait}_reversed"]}
+
+
+def load_personalitybench(root) -> PersonalityBench:
+    """``root/description.json`` (JSONL, 10 keys per line) and ``root/test/<Trait>.json`` (JSONL {"question": ...})."""
+    root = os.fspath(root)
+    keys = [k for t in BIG_FIVE for k in (t, f"{t}_reversed")]
+    desc = {k: [] for k in keys}
+    path = os.path.join(root, "description.json")
+    for line, obj in _jsonl(path):
+        missing = [k for k in keys if not isinstance(obj.get(k), str) or not obj[k].strip()]
+        if missing:
+            raise DataFormatError(f"{path}, line {line}: missing or empty keys {missing}")
+        for k in keys:
+            desc[k].append(obj[k].strip())
+    questions = {}
+    for trait in BIG_FIVE:
+        tpath = os.path.join(root, "test", f"{trait}.json")
+        if not os.path.exists(tpath):
+            continue
+        qs = []
+        for line, obj in _jsonl(tpath):
+            q = obj.get("question")
+            if not isinstance(q, str) or not q.strip():
+                raise DataFormatError(f"{tpath}, line {line}: expected a non-empty \"question\" string")
+            qs.append(q.strip())
+        questions[trait] = qs
+    return PersonalityBench(desc, questions)

@@ -1,0 +1,114 @@
+"""Data loaders on good and broken files; A/B evaluation against a direct computation."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from persona_kernels.data import (BUILTIN_PAIRS, DataFormatError, MCItem, builtin_pair, builtin_texts, load_mc_csv,
+                                  load_personalitybench, load_persona_csv, load_text_lines)
+from persona_kernels.evaluate import answer_logprobs, evaluate_mc
+from persona_kernels.models import char_tokenizer, tiny_causal_lm
+
+
+def test_text_lines(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("one\n\n  two  \nthree\n")
+    assert load_text_lines(p) == ["one", "two", "three"]
+    (tmp_path / "e.txt").write_text("\n \n")
+    with pytest.raises(DataFormatError, match="e.txt: no samples"):
+        load_text_lines(tmp_path / "e.txt")
+    with pytest.raises(DataFormatError, match="no such file"):
+        load_text_lines(tmp_path / "missing.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataFormatError, match="not UTF-8"):
+        load_text_lines(tmp_path / "bin.txt")
+
+
+def test_persona_csv(tmp_path):
+    p = tmp_path / "train.csv"
+    p.write_text('question,matching,not_matching\n"Q1, with comma",yes,no\n,only answer,other\n')
+    d = load_persona_csv(p, "power", "humble")
+    assert d == {"power": ["Q1, with comma yes", "only answer"], "humble": ["Q1, with comma no", "other"]}
+    p.write_text("question,matching,not_matching\nq,yes,no\nq2,yes\n")
+    with pytest.raises(DataFormatError, match=r"train.csv, line 3: 2 fields, expected 3"):
+        load_persona_csv(p)
+    p.write_text("question,answer\nq,a\n")
+    with pytest.raises(DataFormatError, match="line 1: header"):
+        load_persona_csv(p)
+    p.write_text("question,matching,not_matching\nq,,no\n")
+    with pytest.raises(DataFormatError, match=r"line 2: empty field\(s\) \['matching'\]"):
+        load_persona_csv(p)
+    p.write_text("")
+    with pytest.raises(DataFormatError, match="empty file"):
+        load_persona_csv(p)
+
+
+def test_mc_csv(tmp_path):
+    p = tmp_path / "mc.csv"
+    p.write_text("question,A,B,matching\nWant power?,Yes.,No.,A\nShare?,Never.,Gladly.,b\n")
+    assert load_mc_csv(p) == [MCItem("Want power?", "Yes.", "No.", "A"), MCItem("Share?", "Never.", "Gladly.", "B")]
+    p.write_text("question,A,B,matching\nq,a,b,C\n")
+    with pytest.raises(DataFormatError, match="line 2: matching must be 'A' or 'B'"):
+        load_mc_csv(p)
+
+
+def test_personalitybench(tmp_path):
+    traits = ["Openness", "Conscientiousness", "Extraversion", "Agreeableness", "Neuroticism"]
+    rec = {k: f"You are {k}." for t in traits for k in (t, f"{t}_reversed")}
+    (tmp_path / "description.json").write_text(json.dumps(rec) + "\n" + json.dumps(rec) + "\n")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "Extraversion.json").write_text('{"question": "Party?"}\n{"question": "Crowds?"}\n')
+    pb = load_personalitybench(tmp_path)
+    assert pb.questions == {"Extraversion": ["Party?", "Crowds?"]}
+    assert pb.texts_by_persona("Extraversion") == {"Extraversion": ["You are Extraversion."] * 2,
+                                                   "Extraversion_reversed": ["You are Extraversion_reversed."] * 2}
+    with pytest.raises(KeyError):
+        pb.texts_by_persona("Humour")
+    bad = dict(rec)
+    del bad["Neuroticism_reversed"]
+    (tmp_path / "description.json").write_text(json.dumps(rec) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataFormatError, match=r"description.json, line 2: missing or empty keys \['Neuroticism_reversed'\]"):
+        load_personalitybench(tmp_path)
+    (tmp_path / "description.json").write_text(json.dumps(rec) + "\n{not json\n")
+    with pytest.raises(DataFormatError, match="line 2: invalid JSON"):
+        load_personalitybench(tmp_path)
+    (tmp_path / "description.json").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "test" / "Extraversion.json").write_text('{"q": "Party?"}\n')
+    with pytest.raises(DataFormatError, match="Extraversion.json, line 1"):
+        load_personalitybench(tmp_path)
+
+
+def test_builtin_sets():
+    for pos, neg in BUILTIN_PAIRS.values():
+        assert len(builtin_texts(pos)) >= 30 and len(builtin_texts(neg)) >= 30
+    assert list(builtin_pair("power")) == ["power_seeking", "power_averse"]
+    with pytest.raises(KeyError):
+        builtin_texts("ambivert")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_answer_logprobs_match_direct_computation(arch):
+    model, tok = tiny_causal_lm(arch, seed=5), char_tokenizer()
+    prompts, answers = ["Question: hi?\nAnswer:", "Q: longer question here?\nA:", "x"], [" yes", " no way", " maybe so"]
+    got = answer_logprobs(model, tok, prompts, answers, batch_size=2)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        pi = tok(p)["input_ids"]
+        ai = tok(a, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([pi + ai])
+        with torch.no_grad():
+            logp = F.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        want = sum(logp[len(pi) - 1 + t, ai[t]].item() for t in range(len(ai)))
+        assert got[i].item() == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+def test_evaluate_mc_choices_and_accuracy():
+    model, tok = tiny_causal_lm("llama", seed=6), char_tokenizer()
+    items = [MCItem("Do you like parties?", "Yes, a lot.", "No.", "A"), MCItem("Quiet night?", "Sure.", "Never!", "B")]
+    r = evaluate_mc(model, tok, items)
+    want = ["A" if a >= b else "B" for a, b in zip(r.logprob_a.tolist(), r.logprob_b.tolist())]
+    assert r.choices == want
+    assert r.accuracy == sum(c == it.matching for c, it in zip(want, items)) / 2
+    assert ((r.margin > 0) == torch.tensor([c == it.matching for c, it in zip(want, items)])).all()
+    with pytest.raises(ValueError, match="no evaluation items"):
+        evaluate_mc(model, tok, [])
