@@ -55,7 +55,7 @@ def _native_extensions(status):
     if cpu_sources:
         exts.append(CppExtension(
             "persona_kernels._C_cpu", cpu_sources,
-            extra_compile_args=["-O3", "-std=c++17", *openmp, *cpu_flags],
+            extra_compile_args=["-O3", *openmp, *cpu_flags],
             extra_link_args=openmp,
         ))
         status["cpu"] = "pending"
@@ -76,7 +76,7 @@ def _native_extensions(status):
         ).split()
         exts.append(CUDAExtension(
             "persona_kernels._C_cuda", cuda_sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *arch]},
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch]},
         ))
         status["cuda"] = "pending"
 

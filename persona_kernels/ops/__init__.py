@@ -1,3 +1,1 @@
-from .accumulate_stats import accumulate_stats
-
-__all__ = ["accumulate_stats"]
+"""One op per subpackage: accumulate_stats, topk_mask, induce_neurons, masked_linear."""

@@ -115,8 +115,8 @@ def accumulate_stats(x: torch.Tensor, state: Optional[StatsState] = None, *, val
     bad = nonfinite_channels(part)
     if bad.numel():
         raise NonFiniteActivationError(
-            f"activation contains NaN or Inf in {bad.numel()} channel(s) (first: {bad[:8].tolist()}); "
-            "nothing was accumulated")
+            f"activation contains NaN or Inf in {bad.numel()} channel(s) (first: {bad[:8].tolist()}), or values "
+            "whose squares overflow float32 (|x| > 1.8e19); nothing was accumulated")
     n = valid_counts(part.chunks, valid3.reshape(-1))
     delta = reduce_partials(part, n, B, state.num_personas, state.edges)
     return state.merge_(delta)
