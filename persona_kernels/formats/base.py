@@ -1,0 +1,91 @@
+"""Common parts of the sparse weight formats.
+
+Every format is a small class over one linear layer's weight in linear orientation
+[out, in]: ``from_dense``, ``to_dense``, ``nbytes`` (its memory footprint), and ``save``/
+``load`` through ``state()``/``from_state()``. Bitmaps everywhere use int32 words along the
+input dimension, LSB first: bit j of word w of a row is column 32 * w + j.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..io import load_artifact, save_artifact
+
+WORD = 32
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SHIFTS = torch.arange(WORD, dtype=torch.int64)
+
+
+def pack_words(mask: torch.Tensor) -> torch.Tensor:
+    """bool [..., n] -> int32 [..., ceil(n / 32)], LSB first."""
+    n = mask.shape[-1]
+    pad = (-n) % WORD
+    m = torch.nn.functional.pad(mask.to(torch.int64), (0, pad)) if pad else mask.to(torch.int64)
+    words = (m.view(*mask.shape[:-1], -1, WORD) << _SHIFTS.to(m.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_words(words: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [..., ceil(n / 32)] -> bool [..., n]."""
+    bits = (words.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 1
+    return bits.view(*words.shape[:-1], -1)[..., :n].to(torch.bool)
+
+
+def check_weight(weight: torch.Tensor) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ValueError(f"weight must be a 2-D tensor [out, in], got {getattr(weight, 'shape', type(weight).__name__)}")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"weight dtype {weight.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    return weight.detach()
+
+
+def check_mask(mask: torch.Tensor, shape, what: str = "mask") -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape[-2:]) != tuple(shape):
+        raise ValueError(f"{what} must be a bool tensor of shape [..., {shape[0]}, {shape[1]}], got "
+                         f"{getattr(mask, 'dtype', None)} {tuple(getattr(mask, 'shape', ()))}")
+    return mask
+
+
+class WeightFormat:
+    """Base class: subclasses set ``kind`` and implement the methods below."""
+
+    kind = "base"
+    shape: tuple
+    dtype: torch.dtype
+
+    def to_dense(self, persona: Optional[int] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the format keeps resident."""
+        return sum(t.numel() * t.element_size() for t in self.state()[0].values())
+
+    def dense_nbytes(self) -> int:
+        return math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.state()[0].values())).device
+
+    def state(self) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, tensors: dict, meta: dict) -> "WeightFormat":
+        raise NotImplementedError
+
+    def to(self, device) -> "WeightFormat":
+        tensors, meta = self.state()
+        return type(self).from_state({k: v.to(device) for k, v in tensors.items()}, meta)
+
+    def save(self, path) -> str:
+        tensors, meta = self.state()
+        return save_artifact(path, tensors, f"format/{self.kind}", meta)
+
+    @classmethod
+    def load(cls, path) -> "WeightFormat":
+        tensors, meta = load_artifact(path, f"format/{cls.kind}")
+        return cls.from_state(tensors, meta)

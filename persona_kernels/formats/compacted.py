@@ -1,0 +1,54 @@
+"""Neuron/row-compacted weight: only output rows (or input columns) that keep any weight.
+
+Kept rows are gathered into a compact dense weight [n_keep, in] with the mask applied inside
+them, so the format is exact for any mask and fast (ideal 1/d) when the mask is structured:
+whole output neurons removed. ``axis='in'`` compacts input columns instead (y = x[:, idx] W_cᵀ).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import WeightFormat, check_mask, check_weight
+
+
+class CompactedWeight(WeightFormat):
+    kind = "compacted"
+
+    def __init__(self, weight, index, shape, axis="out"):
+        self.weight, self.index, self.shape, self.axis, self.dtype = weight, index, tuple(shape), axis, weight.dtype
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor, axis: str = "out") -> "CompactedWeight":
+        w = check_weight(weight)
+        m = check_mask(mask, w.shape).to(w.device)
+        if m.ndim != 2:
+            raise ValueError("a compacted weight holds one persona: mask must be [out, in]")
+        if axis not in ("out", "in"):
+            raise ValueError(f"axis must be 'out' (rows) or 'in' (columns), got {axis!r}")
+        dim = 1 if axis == "out" else 0
+        index = m.any(dim).nonzero().flatten()
+        masked = w * m.to(w.dtype)
+        compact = masked.index_select(0 if axis == "out" else 1, index).contiguous()
+        return cls(compact, index, w.shape, axis)
+
+    @property
+    def density(self) -> float:
+        n = self.shape[0] if self.axis == "out" else self.shape[1]
+        return self.index.numel() / max(1, n)
+
+    def to_dense(self, persona: Optional[int] = None) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=self.dtype, device=self.weight.device)
+        if self.axis == "out":
+            out[self.index] = self.weight
+        else:
+            out[:, self.index] = self.weight
+        return out
+
+    def state(self):
+        return {"weight": self.weight, "index": self.index}, {"shape": list(self.shape), "axis": self.axis}
+
+    @classmethod
+    def from_state(cls, tensors, meta):
+        return cls(tensors["weight"], tensors["index"], tuple(meta["shape"]), meta["axis"])

@@ -1,0 +1,139 @@
+"""masked_linear: y = x (W ⊙ M)ᵀ + b over a sparse weight format.
+
+One public op for every format in persona_kernels.formats. Kernels per (format, backend) are
+listed in KERNELS; ``backend='auto'`` asks the dispatcher (dispatch.py), which routes by
+device, dtype, batch size and density using a measured crossover table, and falls back to a
+dense GEMM on the masked weight where no sparse kernel wins.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+
+from ... import backends
+from ...formats import WeightFormat
+from .reference import masked_linear_reference
+
+MULTI_PERSONA = ("shared_bitmask", "block")
+
+# Tests set this so kernels' outputs start as garbage: an element a kernel forgets to write
+# shows up as a wrong value instead of a zero that happens to be right.
+POISON_OUTPUTS = False
+
+
+def new_output(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Output buffer for a kernel (every element must be written by the kernel)."""
+    if POISON_OUTPUTS:
+        return torch.full((rows, cols), 777.0, dtype=dtype, device=device)
+    return torch.empty(rows, cols, dtype=dtype, device=device)
+
+# (format kind, backend) -> kernel(x2d, fmt, bias, persona_rows) ; filled by the backend modules
+KERNELS: dict[tuple[str, str], Callable] = {}
+
+
+def register_kernel(kind: str, backend: str):
+    def deco(fn):
+        KERNELS[(kind, backend)] = fn
+        return fn
+    return deco
+
+
+def _load_backend_modules() -> None:
+    """Import kernel modules lazily (Triton only where it can run), once."""
+    if getattr(_load_backend_modules, "done", False):
+        return
+    _load_backend_modules.done = True
+    import importlib
+
+    for mod in ("cpu", "triton_kernel", "cuda"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ImportError:
+            pass
+
+
+def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Persona index per row of the flattened x, or None for single-persona formats."""
+    if fmt.kind not in MULTI_PERSONA:
+        if persona not in (None, 0):
+            raise ValueError(f"a {fmt.kind} weight holds one persona; persona must be None, got {persona!r}")
+        return None
+    P = fmt.num_personas
+    rows = x.numel() // x.shape[-1]
+    if persona is None:
+        if P != 1:
+            raise ValueError(f"this {fmt.kind} weight holds {P} personas: pass persona=<index> or a per-row/per-sequence tensor")
+        persona = 0
+    if isinstance(persona, int) and not isinstance(persona, bool):
+        if not 0 <= persona < P:
+            raise ValueError(f"persona index {persona} out of range for {P} personas")
+        return torch.full((rows,), persona, dtype=torch.int64, device=x.device)
+    if not isinstance(persona, torch.Tensor) or persona.dtype.is_floating_point or persona.dtype == torch.bool:
+        raise TypeError(f"persona must be an int or an integer tensor, got {type(persona).__name__}")
+    p = persona.to(device=x.device, dtype=torch.int64)
+    lead = x.shape[:-1]
+    if p.numel() == rows:
+        p = p.reshape(rows)
+    elif x.ndim >= 3 and tuple(p.shape) == tuple(lead[:1]):  # one persona per sequence of [B, T, in]
+        p = p.repeat_interleave(rows // lead[0])
+    else:
+        raise ValueError(f"persona tensor of shape {tuple(persona.shape)} matches neither the rows ({rows}) nor the "
+                         f"sequences ({lead[0] if lead else 0}) of x")
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= P):
+        raise ValueError(f"persona indices must be in [0, {P})")
+    return p
+
+
+def _check(x: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor]) -> None:
+    if not isinstance(fmt, WeightFormat):
+        raise TypeError(f"weight must be a persona_kernels.formats.WeightFormat, got {type(fmt).__name__}")
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != fmt.shape[1]:
+        raise ValueError(f"x must have {fmt.shape[1]} features in its last dim (weight {tuple(fmt.shape)}), "
+                         f"got {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype != fmt.dtype:
+        raise TypeError(f"x is {x.dtype} but the weight is {fmt.dtype}")
+    if x.device != fmt.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {fmt.device}")
+    if bias is not None and (bias.shape != (fmt.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be [{fmt.shape[0]}] {x.dtype} on {x.device}, got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
+
+
+def available_backends(fmt: WeightFormat, device: torch.device) -> list[str]:
+    _load_backend_modules()
+    out = ["reference"]
+    for (kind, name), _ in KERNELS.items():
+        if kind == fmt.kind and backends.available(name, device) and name not in out:
+            out.append(name)
+    return out
+
+
+def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Tensor] = None,
+                  persona: Union[None, int, torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """y = x (W ⊙ M_persona)ᵀ + bias for x [..., in]; output [..., out] in x's dtype.
+
+    ``persona``: for multi-persona formats (shared_bitmask, block) an index, or an integer
+    tensor with one persona per row of x or per sequence of a [B, T, in] x (mixed batches).
+    """
+    _check(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    prow = _persona_rows(weight, persona, x)
+    if backend == "auto":
+        from .dispatch import choose
+
+        name = choose(weight, x2)
+    else:
+        name = backends.resolve(backend, x.device, ())
+    if name == "reference":
+        y = masked_linear_reference(x2, weight, bias, prow)
+    else:
+        _load_backend_modules()
+        kernel = KERNELS.get((weight.kind, name))
+        if kernel is None:
+            raise backends.BackendUnavailable(f"no {name!r} kernel for the {weight.kind} format; available here: "
+                                              f"{available_backends(weight, x.device)}")
+        y = kernel(x2, weight, bias, prow)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+__all__ = ["masked_linear", "masked_linear_reference", "register_kernel", "available_backends", "new_output", "KERNELS"]

@@ -1,0 +1,68 @@
+"""Backend choice for masked_linear: device, dtype, batch size, density -> kernel.
+
+Crossover tables are measured by `python benchmarks/bench_masked_linear.py --write-crossover`
+and stored per device class in crossover.json beside this file; the user can override any
+entry with set_crossover(). Without a measured entry, the conservative rule is: sparse kernel
+at batch 1..4 when one exists, dense otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from ... import backends
+from ...formats import WeightFormat
+
+_TABLE_FILE = os.path.join(os.path.dirname(__file__), "crossover.json")
+_OVERRIDES: dict = {}
+
+
+def device_class(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        return "h100" if "h100" in name else "h200" if "h200" in name else "cuda"
+    return "cpu"
+
+
+def _table() -> dict:
+    try:
+        with open(_TABLE_FILE) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    for k, v in _OVERRIDES.items():
+        table.setdefault(k[0], {})[k[1]] = v
+    return table
+
+
+def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[str] = None) -> None:
+    """Use the sparse kernel of ``kind`` up to ``max_batch`` rows on ``device_cls`` (0: never)."""
+    _OVERRIDES[(device_cls, kind)] = {"max_batch": int(max_batch), "backend": backend}
+
+
+def _sparse_backend(kind: str, device: torch.device) -> Optional[str]:
+    from . import KERNELS, _load_backend_modules
+
+    _load_backend_modules()
+    order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+    for name in order:
+        if (kind, name) in KERNELS and backends.available(name, device):
+            return name
+    return None
+
+
+def choose(fmt: WeightFormat, x2: torch.Tensor) -> str:
+    """'reference' (a dense GEMM on the masked weight) or a sparse kernel backend for this call."""
+    if fmt.kind == "compacted":
+        return "reference"  # a dense GEMM on the compact weight is already the fast path
+    name = _sparse_backend(fmt.kind, x2.device)
+    entry = _table().get(device_class(x2.device), {}).get(fmt.kind)
+    if entry is not None and entry.get("backend"):
+        name = entry["backend"] if backends.available(entry["backend"], x2.device) else name
+    max_batch = entry["max_batch"] if entry is not None else 4
+    if name is None or x2.shape[0] > max_batch:
+        return "reference"
+    return name

@@ -1,0 +1,158 @@
+"""masked_linear: every format x backend available here against a float64 reference."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from persona_kernels.formats import (BitmapWeight, BlockSparseWeight, CompactedWeight, SemiStructuredUnsupported,
+                                     SemiStructuredWeight, SharedBitmask, block_mask)
+from persona_kernels.ops.masked_linear import available_backends, masked_linear
+
+ml = importlib.import_module("persona_kernels.ops.masked_linear")
+FORMATS = ["shared_bitmask", "bitmap", "compacted_out", "compacted_in", "block16x16", "block1x16"]
+BACKENDS = ["reference", "triton", "cpp", "cuda"]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(ml, "POISON_OUTPUTS", True)
+
+
+def _masks(fmt_name, out_f, in_f, density, P, g):
+    if fmt_name.startswith("block"):
+        br, bc = (16, 16) if fmt_name == "block16x16" else (1, 16)
+        def one():
+            if density in (0.0, 1.0):
+                return torch.full((out_f, in_f), density == 1.0)
+            return block_mask(torch.rand(out_f, in_f, generator=g), (br, bc), 1 - density)
+        return torch.stack([one() for _ in range(P)]), (br, bc)
+    m = torch.rand(P, out_f, in_f, generator=g) < density
+    if density not in (0.0, 1.0) and out_f > 3:
+        m[:, 2] = False  # an all-zero row
+    return m, None
+
+
+def make(fmt_name, out_f, in_f, dtype, density=0.5, P=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g).to(dtype)
+    masks, block = _masks(fmt_name, out_f, in_f, density, P, g)
+    if fmt_name == "shared_bitmask":
+        return SharedBitmask.from_dense(w, masks), w, masks
+    if fmt_name.startswith("block"):
+        return BlockSparseWeight.from_dense(w, masks, block), w, masks
+    if fmt_name == "bitmap":
+        return BitmapWeight.from_dense(w, masks[0]), w, masks[:1]
+    return CompactedWeight.from_dense(w, masks[0], axis=fmt_name.split("_")[1]), w, masks[:1]
+
+
+def check(fmt_name, backend, dtype, batch, out_f, in_f, density, seed=0, bias=True):
+    fmt, w, masks = make(fmt_name, out_f, in_f, dtype, density, seed=seed)
+    if backend not in available_backends(fmt, torch.device("cpu")):
+        pytest.skip(f"no {backend} kernel for {fmt.kind} here")
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, in_f, generator=g).to(dtype)
+    b = torch.randn(out_f, generator=g).to(dtype) if bias else None
+    P = masks.shape[0]
+    persona = torch.randint(0, P, (batch,), generator=g) if P > 1 else None
+    y = masked_linear(x, fmt, b, persona=persona, backend=backend)
+    assert y.shape == (batch, out_f) and y.dtype == dtype
+    rows = persona if persona is not None else torch.zeros(batch, dtype=torch.long)
+    wm = (w.double().unsqueeze(0) * masks.double())[rows]                  # [batch, out, in]
+    want = torch.einsum("bi,boi->bo", x.double(), wm) + (b.double() if bias else 0)
+    # error budget: twice that of the same product computed by PyTorch in the input dtype, plus slack
+    low = torch.einsum("bi,boi->bo", x.float(), wm.float()).to(dtype).double() + (b.double() if bias else 0)
+    tol = 2 * (low - want).abs().max().item() + {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    err = (y.double() - want).abs().max().item()
+    assert err <= tol, f"max error {err} > {tol}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt_name", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_formats_backends_dtypes_batches(fmt_name, backend, dtype, batch):
+    out_f, in_f = (48, 96) if fmt_name.startswith("block") else (37, 123)
+    check(fmt_name, backend, dtype, batch, out_f, in_f, 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt_name", FORMATS)
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.3, 0.9, 1.0])
+def test_density_sweep(fmt_name, backend, density):
+    out_f, in_f = (32, 64) if fmt_name.startswith("block") else (19, 70)
+    check(fmt_name, backend, torch.float32, 2, out_f, in_f, density, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt_name", FORMATS)
+@pytest.mark.parametrize("batch", [64, 257])
+def test_large_batch(fmt_name, backend, batch):
+    if backend == "triton" and batch > 64:
+        pytest.skip("interpreter: keep the prefill size to the reference and native kernels")
+    out_f, in_f = (32, 48) if fmt_name.startswith("block") else (33, 47)
+    check(fmt_name, backend, torch.float32, batch, out_f, in_f, 0.3, seed=5, bias=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_bfloat16_native(backend):
+    check("bitmap", backend, torch.bfloat16, 3, 37, 123, 0.5)
+
+
+@pytest.mark.parametrize("fmt_name", ["shared_bitmask", "block16x16"])
+def test_mixed_persona_batch_equals_per_persona_runs(fmt_name):
+    fmt, w, masks = make(fmt_name, 48, 96, torch.float32, 0.4, P=3, seed=9)
+    x = torch.randn(3, 4, 96)
+    persona = torch.tensor([2, 0, 1])  # one persona per sequence
+    for backend in available_backends(fmt, torch.device("cpu")):
+        y = masked_linear(x, fmt, persona=persona, backend=backend)
+        for s in range(3):
+            single = masked_linear(x[s], fmt, persona=int(persona[s]), backend=backend)
+            torch.testing.assert_close(y[s], single, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(single, F.linear(x[s], w * masks[persona[s]]), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_dispatch_matches_reference():
+    for fmt_name in FORMATS:
+        fmt, w, masks = make(fmt_name, 32, 64, torch.float32, 0.3, P=1, seed=2)
+        for batch in (1, 8, 100):
+            x = torch.randn(batch, 64)
+            torch.testing.assert_close(masked_linear(x, fmt), F.linear(x, w * masks[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input():
+    fmt, w, _ = make("shared_bitmask", 16, 32, torch.float32)
+    with pytest.raises(ValueError, match="32 features"):
+        masked_linear(torch.randn(2, 31), fmt, persona=0)
+    with pytest.raises(TypeError, match="float16 but the weight is torch.float32"):
+        masked_linear(torch.randn(2, 32).half(), fmt, persona=0)
+    with pytest.raises(ValueError, match="out of range"):
+        masked_linear(torch.randn(2, 32), fmt, persona=3)
+    with pytest.raises(ValueError, match="holds 3 personas"):
+        masked_linear(torch.randn(2, 32), fmt)
+    with pytest.raises(ValueError, match="matches neither"):
+        masked_linear(torch.randn(2, 32), fmt, persona=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="bias"):
+        masked_linear(torch.randn(2, 32), fmt, torch.randn(15), persona=0)
+    bm, _, _ = make("bitmap", 16, 32, torch.float32)
+    with pytest.raises(ValueError, match="holds one persona"):
+        masked_linear(torch.randn(2, 32), bm, persona=1)
+    with pytest.raises(TypeError, match="WeightFormat"):
+        masked_linear(torch.randn(2, 32), torch.randn(16, 32))
+    with pytest.raises(ValueError, match="not block-structured"):
+        BlockSparseWeight.from_dense(torch.randn(16, 32), torch.rand(16, 32) > 0.5, (16, 16))
+    with pytest.raises(SemiStructuredUnsupported, match="CUDA"):
+        m = torch.tensor([True, True, False, False]).repeat(16, 8)
+        SemiStructuredWeight.from_dense(torch.randn(16, 32), m)
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_roundtrip_save_load_and_footprint(fmt_name, tmp_path):
+    fmt, w, masks = make(fmt_name, 48, 96, torch.float16, 0.3, P=2)
+    back = type(fmt).load(fmt.save(tmp_path / "f.safetensors"))
+    assert torch.equal(back.to_dense(0) if fmt.kind in ("shared_bitmask", "block") else back.to_dense(), w * masks[0])
+    assert fmt.nbytes() > 0
+    if fmt.kind == "bitmap":  # values + 1 bit per weight + row pointers
+        assert fmt.nbytes() == fmt.nnz * 2 + 48 * 3 * 4 + 49 * 8
+    if fmt.kind == "shared_bitmask":
+        assert fmt.persona_nbytes() == 48 * 3 * 4 and fmt.persona_nbytes() <= fmt.dense_nbytes() / 16
