@@ -17,7 +17,9 @@ class FingerprintMismatch(ValueError):
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(out_features, in_features) of an nn.Linear or Conv1D, else None."""
+    """(out_features, in_features) of an nn.Linear or Conv1D (or a persona wrapper of one), else None."""
+    if getattr(module, "_pk_wrapper", False):
+        module = module.base
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     if Conv1D and isinstance(module, Conv1D):
@@ -30,9 +32,19 @@ def architecture(model: nn.Module) -> str:
     return f"{type(model).__name__}/{getattr(cfg, 'model_type', 'unknown')}"
 
 
+def _original_name(model_modules: dict, name: str) -> str:
+    """Name of a module as in the unpatched model: a persona wrapper keeps its original as ``.base``."""
+    parent, _, child = name.rpartition(".")
+    if child == "base" and getattr(model_modules.get(parent), "_pk_wrapper", False):
+        return parent
+    return name
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over the architecture and every linear layer's name and shape."""
-    layers = [(name, linear_shape(m)) for name, m in model.named_modules() if linear_shape(m) is not None]
+    """sha256 over the architecture and every linear layer's name and shape (persona wrappers see through)."""
+    mods = dict(model.named_modules())
+    layers = [(_original_name(mods, name), linear_shape(m)) for name, m in mods.items()
+              if linear_shape(m) is not None and not getattr(m, "_pk_wrapper", False)]
     blob = json.dumps({"arch": architecture(model), "linear": layers}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

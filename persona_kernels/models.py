@@ -19,6 +19,7 @@ TINY_CONFIGS = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_COMMON, "head_dim": 16}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_COMMON, "head_dim": 16}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", _COMMON),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _COMMON),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)),
 }

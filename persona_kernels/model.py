@@ -1,0 +1,296 @@
+"""Drop-in persona inference: swap masked linear layers into a transformers model, and out again.
+
+    handle = apply(model, masks, persona="extravert")   # module swap, returns a handle
+    set_persona(model, "introvert")                      # O(1): no reload, no allocation
+    with persona(model, "extravert"): model.generate(...)
+    set_batch_personas(model, ["extravert", "introvert"])  # one persona per sequence
+    apply_neurons(model, target_set, opposite_set, strength=1.0)  # NPTI induction
+    remove(model)                                        # original modules back, bit for bit
+
+The original modules are kept untouched inside the wrappers, so ``remove`` restores the exact
+objects (and the state_dict) that were there, and persona ``None`` runs them directly.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .fingerprint import Conv1D, check_fingerprint, linear_shape
+from .formats import BitmapWeight, BlockSparseWeight, CompactedWeight, SharedBitmask
+from .masks.store import MaskStore
+from .npti import NeuronSet, induction_vectors
+from .ops.induce_neurons import induce_neurons
+from .ops.masked_linear import masked_linear
+from .sites import activation_attr, gated_mlps
+
+FORMATS = ("auto", "bitmap", "shared_bitmask", "compacted", "block", "dense")
+_ATTR = "_persona_kernels"
+
+
+class PersonaError(ValueError):
+    """Wrong use of the persona layer (applied twice, nothing applied, unknown persona...)."""
+
+
+@dataclass
+class PersonaHandle:
+    """What apply() did to a model. ``current`` is shared by every swapped layer."""
+
+    model: nn.Module
+    personas: list
+    current: Optional[int] = None            # None: the original dense model
+    batch: Optional[torch.Tensor] = None     # [B] persona per sequence (mixed batch), overrides current
+    gamma: float = 0.0
+    swapped: dict = field(default_factory=dict)   # module name -> original module
+    neurons: dict = field(default_factory=dict)   # mlp name -> original activation module
+    format: str = "bitmap"
+
+    def index(self, name: Optional[str]) -> Optional[int]:
+        if name is None:
+            return None
+        if name not in self.personas:
+            raise PersonaError(f"persona {name!r} is not applied to this model; it has {self.personas}")
+        return self.personas.index(name)
+
+
+def _handle(model: nn.Module) -> PersonaHandle:
+    h = getattr(model, _ATTR, None)
+    if h is None:
+        raise PersonaError("no persona layer is applied to this model (call persona_kernels.apply first)")
+    return h
+
+
+def _build_format(kind: str, weight: torch.Tensor, masks: torch.Tensor, block: tuple):
+    """Per-persona list (bitmap/compacted/dense) or one multi-persona format (shared_bitmask/block)."""
+    if kind == "shared_bitmask":
+        return SharedBitmask.from_dense(weight, masks)
+    if kind == "block":
+        return BlockSparseWeight.from_dense(weight, masks, block)
+    if kind == "bitmap":
+        return [BitmapWeight.from_dense(weight, m) for m in masks]
+    if kind == "compacted":
+        return [CompactedWeight.from_dense(weight, m) for m in masks]
+    return [weight * m.to(weight.dtype) for m in masks]  # dense: pre-masked copies
+
+
+class MaskedLinear(nn.Module):
+    """A persona-masked stand-in for nn.Linear / Conv1D; ``base`` is the untouched original."""
+
+    _pk_wrapper = True
+
+    def __init__(self, base: nn.Module, handle: PersonaHandle, fmt, kind: str, backend: str):
+        super().__init__()
+        self.base = base
+        self.out_features, self.in_features = linear_shape(base)
+        self._handle, self._fmt, self._kind, self._backend = handle, fmt, kind, backend
+        self._bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self._kind}, "
+                f"personas={len(self._handle.personas)}")
+
+    def _masked(self, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x2 [N, in], rows [N] persona per row -> masked output [N, out] (no bias)."""
+        fmt = self._fmt
+        if not isinstance(fmt, list):
+            return masked_linear(x2, fmt, None, persona=rows, backend=self._backend)
+        out = None
+        for p in rows.unique().tolist():
+            sel = rows == p
+            part = x2 if bool(sel.all()) else x2[sel]
+            f = fmt[p]
+            y = torch.nn.functional.linear(part, f) if isinstance(f, torch.Tensor) else masked_linear(part, f, backend=self._backend)
+            if bool(sel.all()):
+                return y
+            if out is None:
+                out = torch.empty(x2.shape[0], self.out_features, dtype=y.dtype, device=y.device)
+            out[sel] = y
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._handle
+        if h.batch is None and h.current is None:
+            return self.base(x)
+        dev = self._bias.device if self._bias is not None else (self.base.weight.device)
+        xin = x.to(dev)
+        x2 = xin.reshape(-1, self.in_features)
+        if h.batch is not None:
+            B = h.batch.numel()
+            if x.ndim < 2 or x.shape[0] != B:
+                raise PersonaError(f"set_batch_personas was given {B} personas but the batch has "
+                                   f"{x.shape[0] if x.ndim >= 2 else 1} sequences")
+            rows = h.batch.to(dev).repeat_interleave(x2.shape[0] // B)
+        else:
+            rows = torch.full((x2.shape[0],), h.current, dtype=torch.int64, device=dev)
+        y = self._masked(x2, rows)
+        if h.gamma:
+            # soft gate G = M + gamma (1 - M): x (W*G)^T = (1 - gamma) x (W*M)^T + gamma x W^T
+            dense = torch.nn.functional.linear(x2, self.base.weight.t() if isinstance(self.base, Conv1D) else self.base.weight)
+            y = (1 - h.gamma) * y + h.gamma * dense
+        if self._bias is not None:
+            y = y + self._bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.device)
+
+
+class InducedActivation(nn.Module):
+    """act_fn followed by NPTI induction (persona_kernels.ops.induce_neurons)."""
+
+    _pk_wrapper = True
+
+    def __init__(self, base: nn.Module, target: NeuronSet, opposite: Optional[NeuronSet], site: str, neurons: int,
+                 strength: float, keep_prob: float, generator: torch.Generator, backend: str):
+        super().__init__()
+        self.base = base
+        self._args = (target, opposite, site, neurons, strength, keep_prob)
+        self._generator, self._backend = generator, backend
+        self.enabled = True
+
+    def extra_repr(self) -> str:
+        target, opposite, site, neurons, strength, keep_prob = self._args
+        n = len(target.at(site)[0])
+        return f"npti target={target.aspect!r}, pushed={n}/{neurons}, strength={strength}, keep_prob={keep_prob}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.base(x)
+        if not self.enabled:
+            return a
+        target, opposite, site, neurons, strength, keep_prob = self._args
+        deact, add = induction_vectors(target, opposite, site, neurons, strength, keep_prob, self._generator, a.device)
+        return induce_neurons(a, deact, add, backend=self._backend)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _choose_format(fmt: str, device: torch.device) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    return "bitmap" if fmt == "auto" else fmt
+
+
+def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, format: str = "auto",
+          backend: str = "auto", layers: Optional[Sequence[str]] = None, gamma: float = 0.0,
+          block: tuple = (16, 16)) -> PersonaHandle:
+    """Swap every masked linear layer of ``model`` (or the named ``layers``) for a MaskedLinear.
+
+    ``persona``: the active persona (None: the original dense model until set_persona).
+    ``format``: 'auto' (bitmap), 'bitmap', 'shared_bitmask', 'compacted', 'block' or 'dense'.
+    ``gamma``: soft gate, G = M + gamma (1 - M).
+    """
+    if getattr(model, _ATTR, None) is not None:
+        raise PersonaError("a persona layer is already applied to this model; call remove(model) first")
+    if not isinstance(masks, MaskStore):
+        raise TypeError(f"masks must be a MaskStore, got {type(masks).__name__}")
+    check_fingerprint(model, masks.fingerprint, "this mask store")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    names = list(masks.layers) if layers is None else list(layers)
+    unknown = [n for n in names if n not in masks.shapes]
+    if unknown:
+        raise PersonaError(f"layers without masks in the store: {unknown[:5]}")
+    handle = PersonaHandle(model, list(masks.personas), gamma=gamma)
+    handle.current = handle.index(persona)
+    modules = dict(model.named_modules())
+    built = {}
+    for name in names:  # build everything first: a failure leaves the model unchanged
+        base = modules[name]
+        w = base.weight.detach().t() if isinstance(base, Conv1D) else base.weight.detach()
+        kind = _choose_format(format, w.device)
+        stacked = torch.stack([masks.mask(p, name) for p in masks.personas]).to(w.device)
+        built[name] = MaskedLinear(base, handle, _build_format(kind, w, stacked, block), kind, backend)
+    for name, wrapper in built.items():
+        handle.swapped[name] = wrapper.base
+        _set_module(model, name, wrapper)
+    handle.format = _choose_format(format, torch.device("cpu"))
+    setattr(model, _ATTR, handle)
+    return handle
+
+
+def apply_neurons(model: nn.Module, target: NeuronSet, opposite: Optional[NeuronSet] = None, strength: float = 1.0,
+                  keep_prob: float = 0.9, seed: int = 0, backend: str = "auto") -> PersonaHandle:
+    """NPTI induction at every gated MLP of ``target``'s sites (combinable with apply())."""
+    mlps = dict(gated_mlps(model))
+    if not mlps:
+        raise PersonaError(f"NPTI is not applicable to {type(model).__name__}: it has no gated MLP "
+                           "(act_fn(gate_proj(x)) * up_proj(x)); supported: Llama, Mistral, Qwen2/3, Gemma2, Phi-3")
+    check_fingerprint(model, target.fingerprint, "this neuron set")
+    handle = getattr(model, _ATTR, None)
+    if handle is None:
+        handle = PersonaHandle(model, [])
+        setattr(model, _ATTR, handle)
+    if handle.neurons:
+        raise PersonaError("NPTI induction is already applied; remove(model) first")
+    gen = torch.Generator().manual_seed(seed)
+    for site in target.sites:
+        mlp_name = site.rpartition(".")[0]
+        mlp = mlps.get(mlp_name)
+        if mlp is None:
+            raise PersonaError(f"{site} is not a gated MLP activation of this model")
+        attr = activation_attr(mlp)
+        neurons = linear_shape(mlp.down_proj)[1]
+        handle.neurons[mlp_name] = getattr(mlp, attr)
+        setattr(mlp, attr, InducedActivation(getattr(mlp, attr), target, opposite, site, neurons, strength, keep_prob,
+                                             gen, backend))
+    return handle
+
+
+def remove(model: nn.Module) -> None:
+    """Put every original module back (the state_dict is then bit-for-bit the original)."""
+    h = _handle(model)
+    for name, base in h.swapped.items():
+        _set_module(model, name, base)
+    for mlp_name, act in h.neurons.items():
+        mlp = model.get_submodule(mlp_name)
+        setattr(mlp, activation_attr(mlp), act)
+    delattr(model, _ATTR)
+
+
+def set_persona(model: nn.Module, name: Optional[str]) -> None:
+    """Activate a persona (None: the original dense model). Constant time: nothing is rebuilt."""
+    h = _handle(model)
+    h.current = h.index(name)
+    h.batch = None
+
+
+def set_gamma(model: nn.Module, gamma: float) -> None:
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    _handle(model).gamma = float(gamma)
+
+
+def set_batch_personas(model: nn.Module, names: Optional[Sequence[str]]) -> None:
+    """One persona per sequence of the next batches (None: back to the single current persona)."""
+    h = _handle(model)
+    if names is None:
+        h.batch = None
+        return
+    idx = [h.index(n) for n in names]
+    if any(i is None for i in idx):
+        raise PersonaError("mixed batches need a persona for every sequence (None is not allowed here)")
+    h.batch = torch.tensor(idx, dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def persona(model: nn.Module, name: Optional[str]):
+    """Temporarily activate a persona."""
+    h = _handle(model)
+    before = (h.current, h.batch)
+    set_persona(model, name)
+    try:
+        yield model
+    finally:
+        h.current, h.batch = before
+
+
+def is_applied(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+__all__ = ["InducedActivation", "MaskedLinear", "PersonaError", "PersonaHandle", "apply", "apply_neurons", "is_applied",
+           "persona", "remove", "set_batch_personas", "set_gamma", "set_persona"]

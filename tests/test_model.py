@@ -1,0 +1,226 @@
+"""Drop-in persona inference on tiny random-weight transformers models."""
+import copy
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+import persona_kernels.model as pm
+from persona_kernels.calibrate import calibrate
+from persona_kernels.fingerprint import FingerprintMismatch
+from persona_kernels.formats import block_mask
+from persona_kernels.masks import MaskStore, build_masks, linear_weight
+from persona_kernels.models import char_tokenizer, tiny_causal_lm
+from persona_kernels.npti import identify_neurons, induction_vectors
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "olmo2"]
+TEXTS = {"extravert": ["I love parties and people!", "Everyone come over!", "Let's go out tonight."],
+         "introvert": ["A quiet night in with a book.", "I prefer to be alone.", "Silence is restful."]}
+PROMPTS = ["Hello, how are you", "What do you do on weekends?"]
+
+
+def _setup(arch, sparsity=0.6, seed=0):
+    model, tok = tiny_causal_lm(arch, seed=seed), char_tokenizer()
+    calib = calibrate(model, tok, TEXTS, progress=False)
+    return model, tok, calib, build_masks(model, calib, sparsity=sparsity)
+
+
+def masked_copy(model, store: MaskStore, persona: str):
+    ref = copy.deepcopy(model)
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for layer in store.layers:
+            m = store.mask(persona, layer)
+            mods[layer].weight.mul_(m.t() if isinstance(mods[layer], Conv1D) else m)
+    return ref
+
+
+def _logits(model, tok, prompts=PROMPTS):
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        return model(**enc).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_and_generation_match_masked_copy(arch):
+    model, tok, calib, store = _setup(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    refs = {p: masked_copy(model, store, p) for p in store.personas}
+    want = {p: _logits(refs[p], tok) for p in store.personas}
+    for fmt in ("bitmap", "shared_bitmask", "compacted", "dense"):
+        pm.apply(model, store, persona="extravert", format=fmt)
+        for p in store.personas:
+            pm.set_persona(model, p)
+            torch.testing.assert_close(_logits(model, tok), want[p], rtol=1e-5, atol=1e-5)
+        pm.remove(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # greedy generation with the KV cache, token for token
+    pm.apply(model, store, persona="introvert")
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        got = model.generate(**enc, **kw)
+        ref = refs["introvert"].generate(**enc, **kw)
+    assert torch.equal(got, ref)
+    pm.remove(model)
+
+
+def test_switching_and_mixed_batches():
+    model, tok, calib, store = _setup("llama")
+    pm.apply(model, store, persona="extravert", format="bitmap")
+    a = _logits(model, tok)
+    pm.set_persona(model, "introvert")
+    b = _logits(model, tok)
+    pm.set_persona(model, "extravert")
+    assert torch.equal(_logits(model, tok), a) and not torch.equal(a, b)
+    pm.set_persona(model, None)  # persona off: the original model
+    pm.remove(model)
+    dense = _logits(model, tok)
+    pm.apply(model, store)
+    assert torch.equal(_logits(model, tok), dense)
+    with pm.persona(model, "introvert"):
+        assert torch.equal(_logits(model, tok), b)
+    assert torch.equal(_logits(model, tok), dense)
+    for names in (["extravert", "introvert"], ["introvert", "extravert"]):
+        pm.set_batch_personas(model, names)
+        mixed = _logits(model, tok)
+        for i, n in enumerate(names):
+            pm.set_batch_personas(model, None)
+            pm.set_persona(model, n)
+            single = _logits(model, tok)
+            torch.testing.assert_close(mixed[i], single[i], rtol=1e-5, atol=1e-5)
+    pm.remove(model)
+
+
+def test_mixed_batch_generation_shared_bitmask():
+    model, tok, calib, store = _setup("qwen2")
+    refs = {p: masked_copy(model, store, p) for p in store.personas}
+    pm.apply(model, store, format="shared_bitmask")
+    pm.set_batch_personas(model, ["introvert", "extravert"])
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        got = model.generate(**enc, **kw)
+        for i, p in enumerate(["introvert", "extravert"]):
+            assert torch.equal(got[i], refs[p].generate(**enc, **kw)[i])
+    pm.remove(model)
+
+
+def test_sampling_generation_and_soft_gate():
+    model, tok, calib, store = _setup("llama")
+    ref = masked_copy(model, store, "extravert")
+    pm.apply(model, store, persona="extravert")
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    torch.manual_seed(3)
+    got = model.generate(**enc, max_new_tokens=10, do_sample=True, top_k=20, pad_token_id=0)
+    torch.manual_seed(3)
+    want = ref.generate(**enc, max_new_tokens=10, do_sample=True, top_k=20, pad_token_id=0)
+    assert torch.equal(got, want)
+    pm.set_gamma(model, 1.0)  # G = 1: the dense weights
+    pm.remove(model)
+    dense = _logits(model, tok)
+    pm.apply(model, store, persona="extravert", gamma=1.0)
+    torch.testing.assert_close(_logits(model, tok), dense, rtol=1e-5, atol=1e-5)
+    pm.set_gamma(model, 0.3)
+    gated = copy.deepcopy(model)
+    pm.remove(model)
+    soft = copy.deepcopy(model)
+    mods = dict(soft.named_modules())
+    with torch.no_grad():
+        for layer in store.layers:
+            m = store.mask("extravert", layer).float()
+            mods[layer].weight.mul_(m + 0.3 * (1 - m))
+    torch.testing.assert_close(_logits(gated, tok), _logits(soft, tok), rtol=1e-5, atol=1e-5)
+
+
+def test_block_format_with_block_masks():
+    model = tiny_causal_lm("llama")
+    mods = dict(model.named_modules())
+    layers = [n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    masks = {p: {n: block_mask(torch.rand(mods[n].weight.shape), (16, 16), 0.5) for n in layers} for p in ("a", "b")}
+    store = MaskStore.from_masks(model, masks)
+    ref = masked_copy(model, store, "b")
+    tok = char_tokenizer()
+    pm.apply(model, store, persona="b", format="block")
+    torch.testing.assert_close(_logits(model, tok), _logits(ref, tok), rtol=1e-5, atol=1e-5)
+    assert "format=block" in repr(model)
+    pm.remove(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(dtype):
+    model, tok, calib, store = _setup("llama")
+    model = model.to(dtype)
+    ref = masked_copy(model, store, "extravert")
+    pm.apply(model, store, persona="extravert")
+    got, want = _logits(model, tok).float(), _logits(ref, tok).float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    pm.remove(model)
+
+
+class _ManualInduction(torch.nn.Module):
+    def __init__(self, act, deact, add):
+        super().__init__()
+        self.act, self.deact, self.add = act, deact, add
+
+    def forward(self, x):
+        a = self.act(x)
+        return torch.where(self.deact, a.clamp(max=0), a) + self.add
+
+
+def test_npti_induction_matches_manual_and_combines_with_masks():
+    model, tok, calib, store = _setup("llama")
+    target = identify_neurons(calib, "extravert", "introvert", min_neurons=30)
+    opposite = identify_neurons(calib, "introvert", "extravert", min_neurons=30)
+    ref = masked_copy(model, store, "extravert")
+    for site in target.sites:  # the manual edit, keep_prob 1 so it is deterministic
+        mlp = ref.get_submodule(site.rpartition(".")[0])
+        deact, add = induction_vectors(target, opposite, site, mlp.down_proj.in_features, 1.2, 1.0)
+        mlp.act_fn = _ManualInduction(mlp.act_fn, deact, add)
+    pm.apply(model, store, persona="extravert")
+    pm.apply_neurons(model, target, opposite, strength=1.2, keep_prob=1.0)
+    assert "npti target='extravert'" in repr(model)
+    torch.testing.assert_close(_logits(model, tok), _logits(ref, tok), rtol=1e-5, atol=1e-5)
+    before = _logits(model, tok)
+    pm.remove(model)
+    assert not torch.equal(_logits(model, tok), before)
+    assert all(type(m).__name__ not in ("MaskedLinear", "InducedActivation") for m in model.modules())
+
+
+def test_npti_not_applicable_to_gpt2():
+    model, tok, calib, store = _setup("gpt2")
+    other = tiny_causal_lm("llama")
+    ns = identify_neurons(calibrate(other, tok, TEXTS, progress=False), "extravert", "introvert", min_neurons=5)
+    with pytest.raises(pm.PersonaError, match="NPTI is not applicable"):
+        pm.apply_neurons(model, ns)
+
+
+def test_bad_use_leaves_model_unchanged():
+    model, tok, calib, store = _setup("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reprs = repr(model)
+    with pytest.raises(FingerprintMismatch):
+        pm.apply(tiny_causal_lm("qwen2"), store)
+    with pytest.raises(pm.PersonaError, match="not applied to this model"):
+        pm.apply(model, store, persona="ambivert")
+    assert repr(model) == reprs and not pm.is_applied(model)
+    with pytest.raises(pm.PersonaError, match="no persona layer"):
+        pm.remove(model)
+    with pytest.raises(pm.PersonaError, match="no persona layer"):
+        pm.set_persona(model, "extravert")
+    pm.apply(model, store, persona="extravert")
+    with pytest.raises(pm.PersonaError, match="already applied"):
+        pm.apply(model, store)
+    with pytest.raises(pm.PersonaError, match="not applied to this model"):
+        pm.set_persona(model, "ambivert")
+    with pytest.raises(ValueError, match="unknown format"):
+        pm.remove(model) or pm.apply(model, store, format="csr")
+    assert not pm.is_applied(model)
+    pm.apply(model, store, persona="extravert")
+    pm.set_batch_personas(model, ["extravert"])
+    with pytest.raises(pm.PersonaError, match="1 personas but the batch has 2"):
+        _logits(model, tok)
+    pm.remove(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert repr(model) == reprs
