@@ -11,7 +11,7 @@ from persona_kernels.ops.masked_linear import available_backends, masked_linear
 
 ml = importlib.import_module("persona_kernels.ops.masked_linear")
 FORMATS = ["shared_bitmask", "bitmap", "compacted_out", "compacted_in", "block16x16", "block1x16"]
-BACKENDS = ["reference", "triton", "cpp", "cuda"]
+BACKENDS = ["reference", "torch", "triton", "cpp", "cuda"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,8 @@
 """masked_linear: y = x (W ⊙ M)ᵀ + b over a sparse weight format.
 
+Backends: 'reference' (the oracle: F.linear on the densified masked weight), 'torch' (fast
+paths made of PyTorch ops, e.g. the compacted GEMM), 'triton', 'cpp', 'cuda'.
+
 One public op for every format in persona_kernels.formats. Kernels per (format, backend) are
 listed in KERNELS; ``backend='auto'`` asks the dispatcher (dispatch.py), which routes by
 device, dtype, batch size and density using a measured crossover table, and falls back to a
@@ -46,7 +49,7 @@ def _load_backend_modules() -> None:
     _load_backend_modules.done = True
     import importlib
 
-    for mod in ("cpu", "triton_kernel", "cuda"):
+    for mod in ("compacted", "cpu", "triton_kernel", "cuda"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ImportError:
@@ -103,7 +106,7 @@ def available_backends(fmt: WeightFormat, device: torch.device) -> list[str]:
     _load_backend_modules()
     out = ["reference"]
     for (kind, name), _ in KERNELS.items():
-        if kind == fmt.kind and backends.available(name, device) and name not in out:
+        if kind == fmt.kind and (name == "torch" or backends.available(name, device)) and name not in out:
             out.append(name)
     return out
 
@@ -122,6 +125,8 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
         from .dispatch import choose
 
         name = choose(weight, x2)
+    elif backend == "torch":  # kernels made of plain PyTorch ops (not the oracle), e.g. compacted GEMM
+        name = backend
     else:
         name = backends.resolve(backend, x.device, ())
     if name == "reference":

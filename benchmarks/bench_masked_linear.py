@@ -1,0 +1,147 @@
+"""Benchmark: masked_linear formats vs dense F.linear on Llama-3-8B layer shapes.
+
+For every (layer shape, sparsity, batch, format/backend): time, speed-up over dense
+F.linear measured in the same run, the ideal speed-up from bytes (dense weight bytes over the
+format's bytes; for the bitmap at bf16 that is 16 / (16 d + 1)), the fraction of that ideal
+reached, and memory per persona. ``--write-crossover`` stores, per format, the largest batch
+at which the sparse kernel still beats dense (the dispatcher's table for this device class).
+
+  python benchmarks/bench_masked_linear.py --quick
+  python benchmarks/bench_masked_linear.py --shapes 14336x4096 --batches 1,4,16 --plot ml.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, print_table, save_bar_plot, time_fn  # noqa: E402
+
+from persona_kernels.formats import BitmapWeight, CompactedWeight, SharedBitmask  # noqa: E402
+from persona_kernels.masks.methods import select  # noqa: E402
+from persona_kernels.ops.masked_linear import available_backends, masked_linear  # noqa: E402
+from persona_kernels.ops.masked_linear import dispatch  # noqa: E402
+
+LLAMA3_8B = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]  # [out, in]: up/gate, down, q/o, k/v
+
+
+def make_formats(w: torch.Tensor, sparsity: float, device):
+    g = torch.Generator().manual_seed(0)
+    score = w.float().abs().cpu() * (1 + 0.05 * torch.rand(w.shape, generator=g))
+    mask = select(score, sparsity).to(device)
+    out = {"bitmap": BitmapWeight.from_dense(w, mask), "shared_bitmask": SharedBitmask.from_dense(w, mask.unsqueeze(0))}
+    # neuron-structured mask at the same density: whole output rows removed
+    keep_rows = torch.zeros(w.shape[0], dtype=torch.bool, device=device)
+    keep_rows[: int(round(w.shape[0] * (1 - sparsity)))] = True
+    out["compacted"] = CompactedWeight.from_dense(w, keep_rows[:, None].expand_as(w).contiguous())
+    return out
+
+
+def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=print):
+    rows = []
+    for (o, i) in shapes:
+        w = torch.randn(o, i, dtype=dtype, device=device)
+        dense_bytes = w.numel() * w.element_size()
+        for s in sparsities:
+            fmts = make_formats(w, s, device)
+            for b in batches:
+                x = torch.randn(b, i, dtype=dtype, device=device)
+                t_dense = time_fn(lambda: F.linear(x, w), torch.device(device))
+                for name, fmt in fmts.items():
+                    for backend in available_backends(fmt, torch.device(device)):
+                        if backend == "reference" and name != "compacted":
+                            continue  # the reference re-densifies: not a kernel worth timing
+                        if backends_wanted and backend not in backends_wanted and name != "compacted":
+                            continue
+                        t = time_fn(lambda: masked_linear(x, fmt, persona=0 if name == "shared_bitmask" else None,
+                                                          backend=backend), torch.device(device))
+                        ideal = dense_bytes / fmt.nbytes()
+                        rows.append(dict(shape=f"{o}x{i}", sparsity=s, batch=b, format=name, backend=backend,
+                                         ms=t * 1e3, dense_ms=t_dense * 1e3, speedup=t_dense / t, ideal=ideal,
+                                         of_ideal=(t_dense / t) / ideal,
+                                         persona_MB=(fmt.persona_nbytes() if name == "shared_bitmask" else fmt.nbytes()) / 2**20))
+                        log(f"{o}x{i} s={s:.0%} b={b} {name}/{backend}: {t * 1e3:.3f} ms, dense {t_dense * 1e3:.3f} ms, "
+                            f"{t_dense / t:.2f}x (ideal {ideal:.2f}x)")
+    return rows
+
+
+def crossover(rows) -> dict:
+    """Per format: the largest batch at which it beat dense in every measured shape and sparsity >= 50%."""
+    table = {}
+    for fmt in sorted({r["format"] for r in rows} - {"compacted"}):
+        sel = [r for r in rows if r["format"] == fmt and r["sparsity"] >= 0.5]
+        best_backend = max(sel, key=lambda r: r["speedup"])["backend"] if sel else None
+        wins = [b for b in sorted({r["batch"] for r in sel})
+                if all(r["speedup"] > 1.0 for r in sel if r["batch"] == b and r["backend"] == best_backend)]
+        max_b = 0
+        for b in sorted({r["batch"] for r in sel}):
+            if b in wins:
+                max_b = b
+            else:
+                break
+        table[fmt] = {"max_batch": max_b, "backend": best_backend}
+    return table
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes and few settings (smoke run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--shapes", help="comma-separated OUTxIN (default: Llama-3-8B layers)")
+    ap.add_argument("--sparsities", default="0.3,0.5,0.7,0.9")
+    ap.add_argument("--batches", default="1,4,16,64,512")
+    ap.add_argument("--backends", help="comma-separated backends to time (default: all available)")
+    ap.add_argument("--plot", help="save a PNG of speed-up vs sparsity at batch 1")
+    ap.add_argument("--json", help="write all rows as JSON here")
+    ap.add_argument("--write-crossover", action="store_true", help="store the measured crossover for this device class")
+    args = ap.parse_args(argv)
+    device = args.device
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if args.quick:
+        shapes, sparsities, batches = [(256, 512)], [0.5, 0.9], [1, 16]
+    else:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else LLAMA3_8B
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+    print(f"# masked_linear on {machine()} (torch {torch.__version__}, {dtype})")
+    rows = run(shapes, sparsities, batches, dtype, device, args.backends.split(",") if args.backends else None)
+    table = [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    print_table(table, ["shape", "sparsity", "batch", "format", "backend", "ms", "dense_ms", "speedup", "ideal",
+                        "of_ideal", "persona_MB"])
+    cross = crossover(rows)
+    print(f"\ncrossover (largest batch where the sparse kernel beats dense at sparsity >= 50%): {cross}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.write_crossover:
+        path = dispatch._TABLE_FILE
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
+            stored = {}
+        stored[dispatch.device_class(torch.device(device))] = cross
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(stored, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+        print(f"crossover written to {path}")
+    if args.plot:
+        b1 = [r for r in rows if r["batch"] == batches[0]]
+        labels = sorted({f"{r['shape']} {r['sparsity']:.0%}" for r in b1})
+        series = {}
+        for r in b1:
+            series.setdefault(f"{r['format']}/{r['backend']}", {})[f"{r['shape']} {r['sparsity']:.0%}"] = r["speedup"]
+        save_bar_plot(args.plot, labels, {k: [v.get(lbl, 0) for lbl in labels] for k, v in series.items()},
+                      "x dense", f"masked_linear speed-up, batch {batches[0]}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
