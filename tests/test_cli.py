@@ -1,0 +1,80 @@
+"""The command line on a tiny local model directory: each sub-command, and clean errors."""
+import pytest
+
+from persona_kernels.cli import main
+from persona_kernels.models import char_tokenizer, tiny_causal_lm
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_causal_lm("llama", seed=0).save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("texts")
+    (d / "e.txt").write_text("I love parties!\nCall everyone tonight.\nTalking is fun.\n")
+    (d / "i.txt").write_text("A quiet night in.\nI read alone.\nSilence helps me think.\n")
+    (d / "mc.csv").write_text("question,A,B,matching\nParty tonight?,Yes!,No thanks.,A\nRead alone?,Never.,Gladly.,A\n")
+    return d
+
+
+def test_pipeline_commands(model_dir, texts, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    common = ["--model", model_dir, "--out", out, "--quiet"]
+    data = ["--texts", f"extravert={texts / 'e.txt'}", "--texts", f"introvert={texts / 'i.txt'}"]
+    assert main(["calibrate", *common, *data, "--batch-size", "2"]) == 0
+    assert "statistics written" in capsys.readouterr().out
+    assert main(["masks", *common, "--method", "contrastive_wanda", "--sparsity", "0.6"]) == 0
+    assert "difference" in capsys.readouterr().out
+    assert main(["neurons", *common, "--min-neurons", "10"]) == 0
+    assert "extravert: " in capsys.readouterr().out
+    masks = f"{out}/masks-contrastive_wanda.safetensors"
+    assert main(["generate", *common, "--masks", masks, "--persona", "introvert", "--prompt", "Hi", "--max-new-tokens", "4",
+                 "--neurons", f"{out}/neurons-introvert.safetensors",
+                 "--opposite-neurons", f"{out}/neurons-extravert.safetensors"]) == 0
+    assert "--- 'Hi'" in capsys.readouterr().out
+    assert main(["eval", *common, "--masks", masks, "--persona", "extravert", "--mc", str(texts / "mc.csv")]) == 0
+    assert "2 items: accuracy" in capsys.readouterr().out
+    assert main(["localize", *common, *data]) == 0
+    assert "silhouette" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--texts", "a=/no/such/file.txt", "--texts", "b=/no/such.txt"], "no such file"),
+    (["calibrate", "--texts", "just-a-path"], "NAME=PATH"),
+    (["masks", "--stats", "/no/such/stats.safetensors"], "no such file"),
+    (["generate", "--persona", "x"], "--persona needs --masks"),
+    (["calibrate", "--personalitybench", "/tmp"], "--trait"),
+])
+def test_errors_are_one_line_without_traceback(model_dir, tmp_path, capsys, argv, message):
+    code = main([argv[0], "--model", model_dir, "--out", str(tmp_path), *argv[1:]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_wrong_model_for_artifact(model_dir, texts, tmp_path, capsys):
+    out = str(tmp_path)
+    main(["calibrate", "--model", model_dir, "--out", out, "--quiet", "--texts", f"a={texts / 'e.txt'}",
+          "--texts", f"b={texts / 'i.txt'}"])
+    other = tmp_path / "other"
+    tiny_causal_lm("qwen2").save_pretrained(other)
+    char_tokenizer().save_pretrained(other)
+    assert main(["masks", "--model", str(other), "--out", out]) == 2
+    assert "different model" in capsys.readouterr().err
+
+
+def test_missing_model_dir(capsys):
+    assert main(["calibrate", "--model", "/no/such/model-dir"]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("calibrate", "masks", "neurons", "localize", "generate", "eval", "bench", "env", "demo"):
+        assert cmd in out
