@@ -4,8 +4,9 @@ Layout (shared by the CPU, Triton and CUDA kernels):
   values  [nnz]          kept weights, row-major (row 0's kept columns in order, then row 1's, ...)
   bitmap  [out, W] int32 W = ceil(in / 32) words per row, LSB first
   row_ptr [out + 1] int64 offset of each row's first value in ``values``
-Bytes: nnz * elt + out * W * 4 + (out + 1) * 8, i.e. about d * elt + 1/8 byte per weight at
-density d; decode GEMV ideal speed-up over dense bf16 is 16 / (16 d + 1).
+  values is followed by PAD zeros so that vector kernels may load 16 values at any offset.
+Bytes: nnz * elt + out * W * 4 + (out + 1) * 8 (+ PAD * elt), i.e. about d * elt + 1/8 byte
+per weight at density d; decode GEMV ideal speed-up over dense bf16 is 16 / (16 d + 1).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from typing import Optional
 import torch
 
 from .base import WeightFormat, check_mask, check_weight, pack_words, unpack_words
+
+
+PAD = 16
 
 
 class BitmapWeight(WeightFormat):
@@ -29,14 +33,14 @@ class BitmapWeight(WeightFormat):
         m = check_mask(mask, w.shape).to(w.device)
         if m.ndim != 2:
             raise ValueError("a bitmap weight holds one persona: mask must be [out, in]")
-        values = w[m].contiguous()  # boolean indexing is row-major
+        values = torch.cat([w[m], w.new_zeros(PAD)])  # boolean indexing is row-major
         row_ptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64, device=w.device)
         torch.cumsum(m.sum(1), 0, out=row_ptr[1:])
         return cls(values, pack_words(m).contiguous(), row_ptr, w.shape, w.dtype)
 
     @property
     def nnz(self) -> int:
-        return self.values.numel()
+        return self.values.numel() - PAD
 
     @property
     def density(self) -> float:
@@ -47,7 +51,7 @@ class BitmapWeight(WeightFormat):
 
     def to_dense(self, persona: Optional[int] = None) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=self.dtype, device=self.values.device)
-        out[self.mask()] = self.values
+        out[self.mask()] = self.values[: self.nnz]
         return out
 
     def state(self):

@@ -63,7 +63,7 @@ class BlockSparseWeight(WeightFormat):
         return self.blocks[persona].repeat_interleave(br, 0).repeat_interleave(bc, 1)
 
     def to_dense(self, persona: Optional[int] = 0) -> torch.Tensor:
-        return self.weight * self.mask(persona).to(self.dtype)
+        return self.weight * self.mask(persona or 0).to(self.dtype)
 
     def state(self):
         return {"weight": self.weight, "blocks": self.blocks}, {"block": list(self.block)}

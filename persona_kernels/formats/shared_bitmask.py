@@ -37,7 +37,7 @@ class SharedBitmask(WeightFormat):
         return unpack_words(self.bits[persona], self.shape[1])
 
     def to_dense(self, persona: Optional[int] = 0) -> torch.Tensor:
-        return self.weight * self.mask(persona).to(self.weight.dtype)
+        return self.weight * self.mask(persona or 0).to(self.weight.dtype)
 
     def persona_nbytes(self) -> int:
         """Bytes that one more resident persona costs (its bits)."""

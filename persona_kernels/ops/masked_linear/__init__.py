@@ -42,18 +42,22 @@ def register_kernel(kind: str, backend: str):
     return deco
 
 
+LOAD_ERRORS: dict = {}  # kernel module -> why it could not be imported
+
+
 def _load_backend_modules() -> None:
-    """Import kernel modules lazily (Triton only where it can run), once."""
+    """Import the kernel modules once; one that fails (no triton, a broken build) is skipped
+    and its error kept in LOAD_ERRORS, so the other backends still work."""
     if getattr(_load_backend_modules, "done", False):
         return
-    _load_backend_modules.done = True
     import importlib
 
     for mod in ("compacted", "cpu", "triton_kernel", "cuda"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
-        except ImportError:
-            pass
+        except Exception as exc:  # noqa: BLE001 - any failure disables that backend only
+            LOAD_ERRORS[mod] = f"{type(exc).__name__}: {exc}"
+    _load_backend_modules.done = True
 
 
 def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -68,6 +72,8 @@ def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Optional[torch
         if P != 1:
             raise ValueError(f"this {fmt.kind} weight holds {P} personas: pass persona=<index> or a per-row/per-sequence tensor")
         persona = 0
+    if isinstance(persona, torch.Tensor) and persona.ndim == 0 and not persona.dtype.is_floating_point:
+        persona = int(persona)
     if isinstance(persona, int) and not isinstance(persona, bool):
         if not 0 <= persona < P:
             raise ValueError(f"persona index {persona} out of range for {P} personas")
@@ -83,7 +89,8 @@ def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Optional[torch
     else:
         raise ValueError(f"persona tensor of shape {tuple(persona.shape)} matches neither the rows ({rows}) nor the "
                          f"sequences ({lead[0] if lead else 0}) of x")
-    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= P):
+    # range check only for host tensors: on a GPU it would force a sync on every decode step
+    if persona.device.type == "cpu" and p.numel() and (int(persona.min()) < 0 or int(persona.max()) >= P):
         raise ValueError(f"persona indices must be in [0, {P})")
     return p
 
@@ -135,8 +142,9 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
         _load_backend_modules()
         kernel = KERNELS.get((weight.kind, name))
         if kernel is None:
+            why = "; ".join(f"{k}: {v}" for k, v in LOAD_ERRORS.items())
             raise backends.BackendUnavailable(f"no {name!r} kernel for the {weight.kind} format; available here: "
-                                              f"{available_backends(weight, x.device)}")
+                                              f"{available_backends(weight, x.device)}" + (f" (load errors: {why})" if why else ""))
         y = kernel(x2, weight, bias, prow)
     return y.view(*x.shape[:-1], weight.shape[0])
 

@@ -7,6 +7,7 @@ at batch 1..4 when one exists, dense otherwise.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Optional
@@ -27,15 +28,25 @@ def device_class(device: torch.device) -> str:
     return "cpu"
 
 
-def _table() -> dict:
+@functools.lru_cache(maxsize=1)
+def _stored_table() -> dict:
     try:
         with open(_TABLE_FILE) as f:
-            table = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
-        table = {}
+        return {}
+
+
+def _table() -> dict:
+    table = {k: dict(v) for k, v in _stored_table().items()}
     for k, v in _OVERRIDES.items():
         table.setdefault(k[0], {})[k[1]] = v
     return table
+
+
+def reload_table() -> None:
+    """Re-read crossover.json (after a benchmark wrote a new one)."""
+    _stored_table.cache_clear()
 
 
 def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[str] = None) -> None:
