@@ -10,6 +10,8 @@ from persona_kernels.formats import (BitmapWeight, BlockSparseWeight, CompactedW
 from persona_kernels.ops.masked_linear import available_backends, masked_linear
 
 ml = importlib.import_module("persona_kernels.ops.masked_linear")
+# on a GPU machine the kernels run on the GPU; here (and on CI) on the CPU
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FORMATS = ["shared_bitmask", "bitmap", "compacted_out", "compacted_in", "block16x16", "block1x16"]
 BACKENDS = ["reference", "torch", "triton", "cpp", "cuda"]
 
@@ -48,14 +50,15 @@ def make(fmt_name, out_f, in_f, dtype, density=0.5, P=3, seed=0):
 
 def check(fmt_name, backend, dtype, batch, out_f, in_f, density, seed=0, bias=True):
     fmt, w, masks = make(fmt_name, out_f, in_f, dtype, density, seed=seed)
-    if backend not in available_backends(fmt, torch.device("cpu")):
+    if backend not in available_backends(fmt, DEVICE):
         pytest.skip(f"no {backend} kernel for {fmt.kind} here")
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, in_f, generator=g).to(dtype)
     b = torch.randn(out_f, generator=g).to(dtype) if bias else None
     P = masks.shape[0]
     persona = torch.randint(0, P, (batch,), generator=g) if P > 1 else None
-    y = masked_linear(x, fmt, b, persona=persona, backend=backend)
+    y = masked_linear(x.to(DEVICE), fmt.to(DEVICE), None if b is None else b.to(DEVICE), persona=persona,
+                      backend=backend).cpu()
     assert y.shape == (batch, out_f) and y.dtype == dtype
     rows = persona if persona is not None else torch.zeros(batch, dtype=torch.long)
     wm = (w.double().unsqueeze(0) * masks.double())[rows]                  # [batch, out, in]

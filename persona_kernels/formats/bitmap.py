@@ -40,7 +40,7 @@ class BitmapWeight(WeightFormat):
 
     @property
     def nnz(self) -> int:
-        return self.values.numel() - PAD
+        return int(self.row_ptr[-1])
 
     @property
     def density(self) -> float:
@@ -59,4 +59,10 @@ class BitmapWeight(WeightFormat):
 
     @classmethod
     def from_state(cls, tensors, meta):
-        return cls(tensors["values"], tensors["bitmap"], tensors["row_ptr"], tuple(meta["shape"]))
+        values, row_ptr = tensors["values"], tensors["row_ptr"]
+        nnz = int(row_ptr[-1])
+        if values.numel() < nnz:
+            raise ValueError(f"bitmap weight holds {values.numel()} values but its row pointers need {nnz}")
+        if values.numel() < nnz + PAD:  # written without the padding the vector kernels rely on
+            values = torch.cat([values[:nnz], values.new_zeros(PAD)])
+        return cls(values, tensors["bitmap"], row_ptr, tuple(meta["shape"]))
