@@ -1,9 +1,18 @@
 """persona-kernels: fast kernels for persona subnetworks in transformers LLMs."""
 from ._version import __version__
 from ._native import BackendUnavailable
+from .calibrate import CalibrationConfig, CalibrationResult, calibrate
+from .masks import MaskConfig, MaskStore, build_masks
+from .model import apply, apply_neurons, persona, remove, set_batch_personas, set_gamma, set_persona
+from .npti import NeuronSet, identify_neurons
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
+from .ops.induce_neurons import induce_neurons
+from .ops.masked_linear import masked_linear
 from .stats import StatsConfig, StatsState
 
 __all__ = [
-    "__version__", "BackendUnavailable", "NonFiniteActivationError", "accumulate_stats", "StatsConfig", "StatsState",
+    "__version__", "BackendUnavailable", "CalibrationConfig", "CalibrationResult", "MaskConfig", "MaskStore", "NeuronSet",
+    "NonFiniteActivationError", "StatsConfig", "StatsState", "accumulate_stats", "apply", "apply_neurons",
+    "build_masks", "calibrate", "identify_neurons", "induce_neurons", "masked_linear", "persona", "remove",
+    "set_batch_personas", "set_gamma", "set_persona",
 ]
