@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ._version import __version__
 
@@ -19,18 +19,19 @@ class ArtifactError(ValueError):
     """A file is missing, truncated, foreign, or of the wrong kind."""
 
 
-def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, metadata: dict[str, Any]) -> str:
-    """Write ``tensors`` and ``metadata`` to ``path``; a crash leaves the old file (or none), never half a file."""
+def atomic_write(path: str | os.PathLike, write: Callable) -> str:
+    """Call ``write(binary file)`` on a temp file beside ``path``, fsync, then rename it into place.
+
+    A crash or an exception leaves the old file (or none), never half a file.
+    """
     path = os.fspath(path)
-    meta = {"kind": kind, "version": __version__, **metadata}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={META_KEY: json.dumps(meta, allow_nan=True)})
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -38,6 +39,17 @@ def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kin
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, metadata: dict[str, Any]) -> str:
+    """Write ``tensors`` and ``metadata`` to ``path`` atomically."""
+    meta = {"kind": kind, "version": __version__, **metadata}
+    blob = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda f: f.write(save(blob, metadata={META_KEY: json.dumps(meta, allow_nan=True)})))
 
 
 def load_artifact(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .io import atomic_write, atomic_write_text
 
 METRIC_SPACES = ("full", "pca")
 # metric name -> True when a higher value means the personas are further apart
@@ -453,7 +454,7 @@ class LocalizationResult:
     def save_json(self, path: str | os.PathLike) -> str:
         """Write the result as JSON atomically (temp file, then os.replace); returns the path."""
         text = json.dumps(self.to_dict(), indent=2)
-        return _atomic_write(path, lambda f: f.write(text.encode()))
+        return atomic_write_text(path, text)
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> "LocalizationResult":
@@ -484,26 +485,7 @@ class LocalizationResult:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         fig.suptitle("Persona separation by layer: " + ", ".join(map(str, self.personas)))
-        return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable) -> str:
-    """Call ``write(binary file)`` on a temp file next to ``path``, then move it into place."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 # --------------------------------------------------------------------------- driver

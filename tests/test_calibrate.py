@@ -196,12 +196,19 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = res.save(tmp_path / "s.safetensors")
     before = open(path, "rb").read()
 
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def failing_save(tensors, metadata=None):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pio, "save_file", failing_save)
+    real_atomic_write = pio.atomic_write
+
+    def write_partial_then_fail(path, write):
+        def partial(f):
+            f.write(b"partial")
+            write(f)
+        return real_atomic_write(path, partial)
+
+    monkeypatch.setattr(pio, "save", failing_save)
+    monkeypatch.setattr(pio, "atomic_write", write_partial_then_fail)
     with pytest.raises(OSError, match="disk full"):
         res.save(path)
     assert open(path, "rb").read() == before
