@@ -56,8 +56,23 @@ class WeightFormat:
     shape: tuple
     dtype: torch.dtype
 
+    # The dispatcher's dense path (large batches) keeps the masked dense weight of the last
+    # persona it used: one extra dense copy per layer, rebuilt only when the persona changes.
+    # Set to False to trade that memory for one densify per large-batch call.
+    cache_dense = True
+
     def to_dense(self, persona: Optional[int] = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def dense_for(self, persona: Optional[int] = None) -> torch.Tensor:
+        """to_dense(persona), cached for the last persona asked for (see ``cache_dense``)."""
+        if not self.cache_dense:
+            return self.to_dense(persona)
+        cached = getattr(self, "_dense_cache", None)
+        if cached is None or cached[0] != persona:
+            cached = (persona, self.to_dense(persona))
+            self._dense_cache = cached
+        return cached[1]
 
     def nbytes(self) -> int:
         """Bytes of every tensor the format keeps resident."""

@@ -136,8 +136,8 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
         name = backend
     else:
         name = backends.resolve(backend, x.device, ())
-    if name == "reference":
-        y = masked_linear_reference(x2, weight, bias, prow)
+    if name in ("reference", "dense"):
+        y = masked_linear_reference(x2, weight, bias, prow, cached=name == "dense")
     else:
         _load_backend_modules()
         kernel = KERNELS.get((weight.kind, name))

@@ -66,7 +66,7 @@ def _sparse_backend(kind: str, device: torch.device) -> Optional[str]:
 
 
 def choose(fmt: WeightFormat, x2: torch.Tensor) -> str:
-    """'reference' (a dense GEMM on the masked weight) or a sparse kernel backend for this call."""
+    """'dense' (a GEMM on the cached masked dense weight) or a sparse kernel backend for this call."""
     if fmt.kind == "compacted":
         return "torch"  # a dense GEMM on the compact weight is already the fast path
     name = _sparse_backend(fmt.kind, x2.device)
@@ -75,5 +75,5 @@ def choose(fmt: WeightFormat, x2: torch.Tensor) -> str:
         name = entry["backend"] if backends.available(entry["backend"], x2.device) else name
     max_batch = entry["max_batch"] if entry is not None else 4
     if name is None or x2.shape[0] > max_batch:
-        return "reference"
+        return "dense"
     return name

@@ -10,12 +10,20 @@ from ...formats import WeightFormat
 
 
 def masked_linear_reference(x: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor],
-                            persona: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [N, in]; persona None (single-persona formats), or [N] int64 persona of each row."""
+                            persona: Optional[torch.Tensor], cached: bool = False) -> torch.Tensor:
+    """x [N, in]; persona None (single-persona formats), or [N] int64 persona of each row.
+
+    ``cached``: use the format's cached dense weight (the dispatcher's dense path) instead of
+    densifying afresh (the oracle).
+    """
+    dense = fmt.dense_for if cached else fmt.to_dense
     if persona is None:
-        return F.linear(x, fmt.to_dense(), bias)
+        return F.linear(x, dense(), bias)
+    personas = persona.unique().tolist()
+    if len(personas) == 1:
+        return F.linear(x, dense(personas[0]), bias)
     out = torch.empty(x.shape[0], fmt.shape[0], dtype=x.dtype, device=x.device)
-    for p in persona.unique().tolist():
+    for p in personas:
         rows = persona == p
-        out[rows] = F.linear(x[rows], fmt.to_dense(p), bias)
+        out[rows] = F.linear(x[rows], dense(p), bias)
     return out
