@@ -28,5 +28,16 @@ def builtin_pair(name: str) -> dict[str, list[str]]:
     return {p: builtin_texts(p) for p in BUILTIN_PAIRS[name]}
 
 
-__all__ = ["BUILTIN_PAIRS", "BUILTIN_PERSONAS", "DataFormatError", "MCItem", "PersonalityBench", "builtin_pair",
+def builtin_mc_items(name: str = "extraversion") -> list:
+    """A/B items from a built-in pair: the same question, one answer per pole (the positive
+    pole's answer is 'matching'; A/B order alternates so position carries no signal)."""
+    pos, neg = builtin_pair(name).values()
+    items = []
+    for i, (a, b) in enumerate(zip(pos, neg)):
+        q = "How would you describe yourself?"
+        items.append(MCItem(q, a, b, "A") if i % 2 == 0 else MCItem(q, b, a, "B"))
+    return items
+
+
+__all__ = ["builtin_mc_items", "BUILTIN_PAIRS", "BUILTIN_PERSONAS", "DataFormatError", "MCItem", "PersonalityBench", "builtin_pair",
            "builtin_texts", "load_mc_csv", "load_personalitybench", "load_persona_csv", "load_text_lines"]
