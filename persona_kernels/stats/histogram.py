@@ -8,7 +8,10 @@ import torch
 
 
 def npti_edges() -> list[float]:
-    """NPTI's 302 edges: -inf, 0.00, 0.01, ..., 3.00, +inf (301 bins, bin i = (e[i], e[i+1]])."""
+    """The issue's NPTI binning: 303 edges -inf, 0.00, 0.01, ..., 3.00, +inf (302 bins, bin i = (e[i], e[i+1]]).
+
+    (The NPTI reference stops at 2.99, one bin fewer; the extra bin only splits (2.99, inf].)
+    """
     return [-math.inf] + [round(0.01 * i, 2) for i in range(301)] + [math.inf]
 
 
