@@ -72,48 +72,55 @@ def nonfinite_channels(p: Partials) -> torch.Tensor:
     return bad.any(0).nonzero().flatten()
 
 
-def _group_welford(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group: torch.Tensor, groups: int):
-    """Multi-way Chan merge of K (n, mean, M2) triples into `groups` triples."""
-    C = mean.shape[1]
+def _one_hot(group: torch.Tensor, groups: int) -> torch.Tensor:
+    """[groups, K] float64 indicator: a matmul with it sums rows by group. (index_add_ and
+    scatter_reduce_ take tens of ms on small CPU tensors in some torch builds; this does not.)"""
+    return (group.unsqueeze(0) == torch.arange(groups, device=group.device).unsqueeze(1)).to(F64)
+
+
+def _group_welford(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, onehot: torch.Tensor):
+    """Multi-way Chan merge of K (n, mean, M2) triples into one triple per row of ``onehot``."""
     nf = n.to(F64)
-    tot = torch.zeros(groups, dtype=F64, device=n.device).index_add_(0, group, nf)
-    gsum = torch.zeros(groups, C, dtype=F64, device=n.device).index_add_(0, group, mean * nf[:, None])
-    gmean = gsum / tot.clamp_min(1)[:, None]
-    dev = mean - gmean[group]
-    gm2 = torch.zeros(groups, C, dtype=F64, device=n.device).index_add_(0, group, m2 + nf[:, None] * dev * dev)
-    return tot.to(torch.int64), gmean, gm2
+    tot = onehot @ nf
+    gmean = (onehot @ (mean * nf[:, None])) / tot.clamp_min(1)[:, None]
+    dev = mean - (onehot.t() @ gmean)  # each chunk's mean minus its group's
+    gm2 = onehot @ (m2 + nf[:, None] * dev * dev)
+    return tot.round().to(torch.int64), gmean, gm2
+
+
+def _group_extreme(t: torch.Tensor, group: torch.Tensor, groups: int, how: str, fill: float) -> torch.Tensor:
+    out = torch.full((groups, t.shape[1]), fill, dtype=F64, device=t.device)
+    for g in group.unique().tolist():
+        sel = t[group == g]
+        out[g] = sel.amin(0) if how == "min" else sel.amax(0)
+    return out
 
 
 def reduce_partials(p: Partials, n: torch.Tensor, num_samples: int, num_personas: int, edges: Optional[torch.Tensor]) -> StatsState:
     """Fold chunk partials into a fresh StatsState (one call's worth of statistics)."""
     ch = p.chunks
-    C = p.sum.shape[1]
-    dev = p.sum.device
     P = num_personas
     per = ch.persona
     as64 = {k: getattr(p, k).to(F64) for k in ("sum", "mean", "m2", "sumsq", "sumabs", "min", "max", "absmax")}
-    count, mean, m2 = _group_welford(n, as64["mean"], as64["m2"], per, P)
-
-    def add(t):
-        return torch.zeros(P, C, dtype=t.dtype, device=dev).index_add_(0, per, t)
-
-    def reduce(t, how, fill):
-        out = torch.full((P, C), fill, dtype=F64, device=dev)
-        return out.scatter_reduce_(0, per[:, None].expand(-1, C), t, reduce=how, include_self=True)
+    by_persona = _one_hot(per, P)
+    count, mean, m2 = _group_welford(n, as64["mean"], as64["m2"], by_persona)
 
     # per-sample L2 norms over tokens, then their Welford triple across the samples of each persona
-    sample_n = torch.zeros(num_samples, dtype=torch.int64, device=dev).index_add_(0, ch.sample, n)
-    sample_sq = torch.zeros(num_samples, C, dtype=F64, device=dev).index_add_(0, ch.sample, as64["sumsq"])
+    by_sample = _one_hot(ch.sample, num_samples)
+    sample_n = by_sample @ n.to(F64)
+    sample_sq = by_sample @ as64["sumsq"]
     seen = sample_n > 0
-    sample_persona = torch.zeros(num_samples, dtype=torch.int64, device=dev).scatter_(0, ch.sample, per)
+    sample_persona = torch.zeros(num_samples, dtype=torch.int64, device=per.device).scatter_(0, ch.sample, per)
     norms = sample_sq[seen].sqrt()
     samples, norm_mean, norm_m2 = _group_welford(
-        torch.ones(norms.shape[0], dtype=torch.int64, device=dev), norms, torch.zeros_like(norms), sample_persona[seen], P)
+        torch.ones(norms.shape[0], dtype=torch.int64, device=per.device), norms, torch.zeros_like(norms),
+        _one_hot(sample_persona[seen], P))
 
     return StatsState(
-        count=count, sum=add(as64["sum"]), mean=mean, m2=m2, sumsq=add(as64["sumsq"]), sumabs=add(as64["sumabs"]),
-        pos=add(p.pos.to(torch.int64)), min=reduce(as64["min"], "amin", math.inf), max=reduce(as64["max"], "amax", -math.inf),
-        absmax=reduce(as64["absmax"], "amax", 0.0), samples=samples, norm_mean=norm_mean, norm_m2=norm_m2,
+        count=count, sum=by_persona @ as64["sum"], mean=mean, m2=m2, sumsq=by_persona @ as64["sumsq"],
+        sumabs=by_persona @ as64["sumabs"], pos=(by_persona @ p.pos.to(F64)).round().to(torch.int64),
+        min=_group_extreme(as64["min"], per, P, "min", math.inf), max=_group_extreme(as64["max"], per, P, "max", -math.inf),
+        absmax=_group_extreme(as64["absmax"], per, P, "max", 0.0), samples=samples, norm_mean=norm_mean, norm_m2=norm_m2,
         hist=None if p.hist is None else p.hist.to(torch.int64), edges=edges,
     )
 
