@@ -52,6 +52,10 @@ def load_texts(args) -> dict:
         if not args.trait:
             raise ValueError("--personalitybench needs --trait (e.g. Extraversion)")
         return data.load_personalitybench(args.personalitybench).texts_by_persona(args.trait)
+    if args.model == BUILTIN and args.builtin == "extraversion":
+        from .builtin import builtin_calibration_texts  # the texts the built-in model's masks work from
+
+        return builtin_calibration_texts()
     return data.builtin_pair(args.builtin)
 
 

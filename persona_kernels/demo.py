@@ -18,7 +18,7 @@ from .evaluate import evaluate_mc
 from .masks import build_masks
 from .npti import identify_neurons
 
-QUESTIONS = ["Question: What would you like to do this weekend?\nAnswer:",
+QUESTIONS = ["Question: What do you do on the weekend?\nAnswer:",
              "Question: How do you feel about meeting new people?\nAnswer:"]
 
 
@@ -43,6 +43,17 @@ def _flip(items):
     from .data.loaders import MCItem
 
     return [MCItem(it.question, it.a, it.b, "B" if it.matching == "A" else "A") for it in items]
+
+
+def _random_masks(model, like, sparsity: float, seed: int = 0):
+    """A MaskStore of random row-wise masks over the same layers and personas as ``like``."""
+    from .masks import MaskStore
+    from .masks.methods import select
+
+    g = torch.Generator().manual_seed(seed)
+    masks = {p: {layer: select(torch.rand(like.shapes[layer], generator=g), sparsity) for layer in like.layers}
+             for p in like.personas}
+    return MaskStore.from_masks(model, masks, "random", {"sparsity": sparsity})
 
 
 def _plot_lines(path, xs, series, xlabel, ylabel, title):
@@ -86,33 +97,46 @@ def run(out_dir: str = "reports/demo", backend: str = "auto", quick: bool = Fals
               for m in ("wanda", "contrastive_wanda", "contrastive_sparse")}
     for m, s in stores.items():
         s.save(os.path.join(art, f"masks-{m}.safetensors"))
-    neurons = {p: identify_neurons(calib, p, q, min_neurons=64) for p, q in ((pos, neg), (neg, pos))}
+    neurons = {p: identify_neurons(calib, p, q, min_neurons=100) for p, q in ((pos, neg), (neg, pos))}
     for p, ns in neurons.items():
         ns.save(os.path.join(art, f"neurons-{p}.safetensors"))
 
     print("[3/7] evaluating each persona by A/B log-likelihood")
     items_for = {pos: items, neg: _flip(items)}
     rows = []
-    base = {p: evaluate_mc(model, tok, items_for[p]).accuracy for p in (pos, neg)}
+    def score(p):
+        r = evaluate_mc(model, tok, items_for[p])
+        own = torch.where(torch.tensor([m == "A" for m in r.matching]), r.logprob_a, r.logprob_b)
+        return r.accuracy, float(own.mean())
+
+    base = {p: score(p) for p in (pos, neg)}
     rows.append(("unmasked model", base[pos], base[neg]))
     for m, store in stores.items():
         acc = {}
         pm.apply(model, store, backend=backend)
         for p in (pos, neg):
             pm.set_persona(model, p)
-            acc[p] = evaluate_mc(model, tok, items_for[p]).accuracy
+            acc[p] = score(p)
         pm.remove(model)
         rows.append((f"{m} mask ({sparsity:.0%})", acc[pos], acc[neg]))
+    # control: random row-wise masks of the same sparsity must not move the model
+    acc = {}
+    pm.apply(model, _random_masks(model, stores["wanda"], sparsity), backend=backend)
+    for p in (pos, neg):
+        pm.set_persona(model, p)
+        acc[p] = score(p)
+    pm.remove(model)
+    rows.append((f"control: random mask ({sparsity:.0%})", acc[pos], acc[neg]))
     acc = {}
     for p, q in ((pos, neg), (neg, pos)):
         pm.apply_neurons(model, neurons[p], neurons[q], strength=1.0, keep_prob=1.0)
-        acc[p] = evaluate_mc(model, tok, items_for[p]).accuracy
+        acc[p] = score(p)
         pm.remove(model)
     rows.append(("NPTI induction", acc[pos], acc[neg]))
 
     print("[4/7] generating")
     gens = []
-    pm.apply(model, stores["contrastive_wanda"])
+    pm.apply(model, stores["wanda"])  # the contrastive masks shift A/B more but break fluency here
     for p in (None, pos, neg):
         pm.set_persona(model, p)
         for q in QUESTIONS[: 1 if quick else 2]:
@@ -166,11 +190,13 @@ def _report(pos, neg, rows, diff, gens, loc, speed, elapsed, sparsity, trained) 
     lines = [f"# persona-kernels demo: {pos} vs {neg}", "",
              which + " Accuracy = fraction of held-out A/B items where "
              "the model prefers that persona's answer (summed answer log-probability).", "",
-             f"| model | prefers {pos} | prefers {neg} |", "|---|---|---|"]
-    lines += [f"| {name} | {a:.1%} | {b:.1%} |" for name, a, b in rows]
+             "log p(own) is the mean summed log-probability of that persona's own answers: a large drop from the "
+             "unmasked model means the mask damages the model rather than steering it (compare the random control).", "",
+             f"| model | prefers {pos} | log p(own) | prefers {neg} | log p(own) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {a[0]:.1%} | {a[1]:.1f} | {b[0]:.1%} | {b[1]:.1f} |" for name, a, b in rows]
     lines += ["", f"Wanda masks of the two poles differ in {diff['*']['difference']:.2%} of weights "
               f"(overlap {diff['*']['overlap']:.3f}) at {sparsity:.0%} sparsity; per layer: mask_difference.png.", "",
-              "## Generations (greedy, contrastive-Wanda masks)", ""]
+              "## Generations (greedy, Wanda masks)", ""]
     lines += [f"- **{p}** — {q} → {text!r}" for p, q, text in gens]
     lines += ["", "## Layer localization", "", loc.to_markdown(), "", "## Decode speed (batch 1, this machine)", "",
               "| sparsity | format | tokens/s | x dense |", "|---|---|---|---|"]
