@@ -104,29 +104,27 @@ def run(out_dir: str = "reports/demo", backend: str = "auto", quick: bool = Fals
     print("[3/7] evaluating each persona by A/B log-likelihood")
     items_for = {pos: items, neg: _flip(items)}
     rows = []
+
     def score(p):
         r = evaluate_mc(model, tok, items_for[p])
         own = torch.where(torch.tensor([m == "A" for m in r.matching]), r.logprob_a, r.logprob_b)
         return r.accuracy, float(own.mean())
 
-    base = {p: score(p) for p in (pos, neg)}
-    rows.append(("unmasked model", base[pos], base[neg]))
-    for m, store in stores.items():
-        acc = {}
+    def score_masks(name, store):
         pm.apply(model, store, backend=backend)
+        acc = {}
         for p in (pos, neg):
             pm.set_persona(model, p)
             acc[p] = score(p)
         pm.remove(model)
-        rows.append((f"{m} mask ({sparsity:.0%})", acc[pos], acc[neg]))
+        rows.append((name, acc[pos], acc[neg]))
+
+    base = {p: score(p) for p in (pos, neg)}
+    rows.append(("unmasked model", base[pos], base[neg]))
+    for m, store in stores.items():
+        score_masks(f"{m} mask ({sparsity:.0%})", store)
     # control: random row-wise masks of the same sparsity must not move the model
-    acc = {}
-    pm.apply(model, _random_masks(model, stores["wanda"], sparsity), backend=backend)
-    for p in (pos, neg):
-        pm.set_persona(model, p)
-        acc[p] = score(p)
-    pm.remove(model)
-    rows.append((f"control: random mask ({sparsity:.0%})", acc[pos], acc[neg]))
+    score_masks(f"control: random mask ({sparsity:.0%})", _random_masks(model, stores["wanda"], sparsity))
     acc = {}
     for p, q in ((pos, neg), (neg, pos)):
         pm.apply_neurons(model, neurons[p], neurons[q], strength=1.0, keep_prob=1.0)
