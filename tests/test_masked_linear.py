@@ -159,3 +159,14 @@ def test_roundtrip_save_load_and_footprint(fmt_name, tmp_path):
         assert fmt.nbytes() == (fmt.nnz + 16) * 2 + 48 * 3 * 4 + 49 * 8
     if fmt.kind == "shared_bitmask":
         assert fmt.persona_nbytes() == 48 * 3 * 4 and fmt.persona_nbytes() <= fmt.dense_nbytes() / 16
+
+
+def test_bitmap_custom_op_registered_with_torch_library():
+    from persona_kernels.ops.masked_linear.library import bitmap_linear  # noqa: F401 (registers the op)
+
+    fmt, w, masks = make("bitmap", 33, 70, torch.float32, 0.4)
+    x, b = torch.randn(3, 70), torch.randn(33)
+    y = torch.ops.persona_kernels.bitmap_linear(x, fmt.values, fmt.bitmap, fmt.row_ptr, b)
+    torch.testing.assert_close(y, F.linear(x, w * masks[0], b), rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(torch.ops.persona_kernels.bitmap_linear.default,
+                          (x, fmt.values, fmt.bitmap, fmt.row_ptr, b), test_utils=("test_schema", "test_faketensor"))

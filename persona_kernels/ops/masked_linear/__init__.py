@@ -132,6 +132,11 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
         from .dispatch import choose
 
         name = choose(weight, x2)
+        if weight.kind == "bitmap" and name not in ("reference", "dense"):
+            # through the torch.library op, so torch.compile can trace the automatic path
+            from .library import bitmap_linear
+
+            return bitmap_linear(x2, weight.values, weight.bitmap, weight.row_ptr, bias).view(*x.shape[:-1], weight.shape[0])
     elif backend == "torch":  # kernels made of plain PyTorch ops (not the oracle), e.g. compacted GEMM
         name = backend
     else:
