@@ -16,7 +16,7 @@ import torch.nn as nn
 from .fingerprint import architecture, check_fingerprint, model_fingerprint
 from .io import save_artifact, load_artifact
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
-from .sites import Site, discover_sites
+from .sites import Site, check_supported, discover_sites
 from .stats import StatsConfig, StatsState
 
 KIND = "statistics"
@@ -216,6 +216,7 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
     cfg = config or CalibrationConfig()
     if overrides:
         cfg = CalibrationConfig(**{**asdict(cfg), **overrides})
+    check_supported(model)
     items = _check_texts(texts_by_persona)
     personas = list(texts_by_persona)
     sites = discover_sites(model, cfg.kinds, cfg.layers, cfg.mlp_only, cfg.include, cfg.exclude)

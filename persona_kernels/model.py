@@ -25,7 +25,7 @@ from .masks.store import MaskStore
 from .npti import NeuronSet, induction_vectors
 from .ops.induce_neurons import induce_neurons
 from .ops.masked_linear import masked_linear
-from .sites import activation_attr, gated_mlps
+from .sites import activation_attr, check_supported, gated_mlps
 
 FORMATS = ("auto", "bitmap", "shared_bitmask", "compacted", "block", "dense")
 _ATTR = "_persona_kernels"
@@ -187,6 +187,7 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
         raise PersonaError("a persona layer is already applied to this model; call remove(model) first")
     if not isinstance(masks, MaskStore):
         raise TypeError(f"masks must be a MaskStore, got {type(masks).__name__}")
+    check_supported(model)
     check_fingerprint(model, masks.fingerprint, "this mask store")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")

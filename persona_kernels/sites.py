@@ -12,6 +12,23 @@ from .fingerprint import linear_shape
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
+SUPPORTED_ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Phi-3", "GPT-2", "OLMo2")
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model has none of the layers persona subnetworks are built on."""
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise UnsupportedArchitecture unless the model has linear layers (nn.Linear / Conv1D) besides its head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not any(linear_shape(m) is not None and m is not head for m in model.modules()):
+        raise UnsupportedArchitecture(
+            f"{type(model).__name__} is not supported: it has no nn.Linear or transformers Conv1D layers (besides the "
+            f"LM head) to calibrate and mask. Supported and tested: {', '.join(SUPPORTED_ARCHITECTURES)}; any decoder "
+            "whose projections are nn.Linear/Conv1D works, and NPTI also needs a gated MLP (act_fn(gate_proj(x)) * up_proj(x)).")
+
+
 @dataclass(frozen=True)
 class Site:
     """One hook point. kind 'linear': the input of a linear layer; 'act': act_fn(gate) of a gated MLP."""

@@ -224,3 +224,22 @@ def test_bad_use_leaves_model_unchanged():
     pm.remove(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert repr(model) == reprs
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    from persona_kernels.sites import UnsupportedArchitecture
+
+    class ConvNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 3)
+
+        def forward(self, input_ids=None, attention_mask=None, **kw):
+            return self.conv(torch.zeros(1, 4, 8))
+
+    model = ConvNet()
+    with pytest.raises(UnsupportedArchitecture, match="no nn.Linear or transformers Conv1D.*Supported and tested: Llama"):
+        calibrate(model, char_tokenizer(), TEXTS, progress=False)
+    _, _, _, store = _setup("llama")
+    with pytest.raises(UnsupportedArchitecture, match="ConvNet is not supported"):
+        pm.apply(model, store)
