@@ -92,40 +92,39 @@ class MaskedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self._kind}, "
                 f"personas={len(self._handle.personas)}")
 
-    def _masked(self, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """x2 [N, in], rows [N] persona per row -> masked output [N, out] (no bias)."""
-        fmt = self._fmt
-        if not isinstance(fmt, list):
-            return masked_linear(x2, fmt, None, persona=rows, backend=self._backend)
-        out = None
-        for p in rows.unique().tolist():
-            sel = rows == p
-            part = x2 if bool(sel.all()) else x2[sel]
-            f = fmt[p]
-            y = torch.nn.functional.linear(part, f) if isinstance(f, torch.Tensor) else masked_linear(part, f, backend=self._backend)
-            if bool(sel.all()):
-                return y
-            if out is None:
-                out = torch.empty(x2.shape[0], self.out_features, dtype=y.dtype, device=y.device)
-            out[sel] = y
+    def _one(self, x2: torch.Tensor, p: int) -> torch.Tensor:
+        """Masked output of persona ``p`` for a per-persona format list (no bias)."""
+        f = self._fmt[p]
+        return torch.nn.functional.linear(x2, f) if isinstance(f, torch.Tensor) else masked_linear(x2, f, backend=self._backend)
+
+    def _masked(self, x2: torch.Tensor, persona) -> torch.Tensor:
+        """x2 [N, in]; persona an int (one persona, the decode hot path: no per-call index work)
+        or an int64 [N] tensor (mixed batch) -> masked output [N, out] (no bias)."""
+        if not isinstance(self._fmt, list):
+            return masked_linear(x2, self._fmt, None, persona=persona, backend=self._backend)
+        if isinstance(persona, int):
+            return self._one(x2, persona)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
+        for p in persona.unique().tolist():
+            sel = persona == p
+            out[sel] = self._one(x2[sel], p)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._handle
         if h.batch is None and h.current is None:
             return self.base(x)
-        dev = self._bias.device if self._bias is not None else (self.base.weight.device)
-        xin = x.to(dev)
-        x2 = xin.reshape(-1, self.in_features)
+        dev = self.base.weight.device
+        x2 = x.to(dev).reshape(-1, self.in_features)
         if h.batch is not None:
             B = h.batch.numel()
             if x.ndim < 2 or x.shape[0] != B:
                 raise PersonaError(f"set_batch_personas was given {B} personas but the batch has "
                                    f"{x.shape[0] if x.ndim >= 2 else 1} sequences")
-            rows = h.batch.to(dev).repeat_interleave(x2.shape[0] // B)
+            persona = h.batch.to(dev).repeat_interleave(x2.shape[0] // B)
         else:
-            rows = torch.full((x2.shape[0],), h.current, dtype=torch.int64, device=dev)
-        y = self._masked(x2, rows)
+            persona = h.current
+        y = self._masked(x2, persona)
         if h.gamma:
             # soft gate G = M + gamma (1 - M): x (W*G)^T = (1 - gamma) x (W*M)^T + gamma x W^T
             dense = torch.nn.functional.linear(x2, self.base.weight.t() if isinstance(self.base, Conv1D) else self.base.weight)
@@ -168,7 +167,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _choose_format(fmt: str, device: torch.device) -> str:
+def _resolve_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     return "bitmap" if fmt == "auto" else fmt
@@ -195,20 +194,19 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     unknown = [n for n in names if n not in masks.shapes]
     if unknown:
         raise PersonaError(f"layers without masks in the store: {unknown[:5]}")
-    handle = PersonaHandle(model, list(masks.personas), gamma=gamma)
+    kind = _resolve_format(format)
+    handle = PersonaHandle(model, list(masks.personas), gamma=gamma, format=kind)
     handle.current = handle.index(persona)
     modules = dict(model.named_modules())
     built = {}
     for name in names:  # build everything first: a failure leaves the model unchanged
         base = modules[name]
         w = base.weight.detach().t() if isinstance(base, Conv1D) else base.weight.detach()
-        kind = _choose_format(format, w.device)
         stacked = torch.stack([masks.mask(p, name) for p in masks.personas]).to(w.device)
         built[name] = MaskedLinear(base, handle, _build_format(kind, w, stacked, block), kind, backend)
     for name, wrapper in built.items():
         handle.swapped[name] = wrapper.base
         _set_module(model, name, wrapper)
-    handle.format = _choose_format(format, torch.device("cpu"))
     setattr(model, _ATTR, handle)
     return handle
 
