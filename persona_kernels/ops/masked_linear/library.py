@@ -12,17 +12,16 @@ from typing import Optional
 import torch
 
 from ...formats import BitmapWeight
-from . import KERNELS, _load_backend_modules, backends
+from . import KERNELS
+from .dispatch import _sparse_backend
 
 
 def _run(x, values, bitmap, row_ptr, bias, out_features):
-    _load_backend_modules()
     fmt = BitmapWeight(values, bitmap, row_ptr, (out_features, x.shape[1]), values.dtype)
-    order = ("cuda", "triton") if x.device.type == "cuda" else ("cpp",)
-    for name in order:
-        if ("bitmap", name) in KERNELS and backends.available(name, x.device):
-            return KERNELS[("bitmap", name)](x, fmt, bias, None)
-    return torch.nn.functional.linear(x, fmt.to_dense(), bias)
+    name = _sparse_backend("bitmap", x.device)  # the dispatcher's own choice of kernel
+    if name is None:
+        return torch.nn.functional.linear(x, fmt.to_dense(), bias)
+    return KERNELS[("bitmap", name)](x, fmt, bias, None)
 
 
 @torch.library.custom_op("persona_kernels::bitmap_linear", mutates_args=())
