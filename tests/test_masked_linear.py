@@ -161,12 +161,40 @@ def test_roundtrip_save_load_and_footprint(fmt_name, tmp_path):
         assert fmt.persona_nbytes() == 48 * 3 * 4 and fmt.persona_nbytes() <= fmt.dense_nbytes() / 16
 
 
-def test_bitmap_custom_op_registered_with_torch_library():
-    from persona_kernels.ops.masked_linear.library import bitmap_linear  # noqa: F401 (registers the op)
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_custom_op_registered_with_torch_library(fmt_name):
+    from persona_kernels.ops.masked_linear.library import masked_linear_op  # noqa: F401 (registers the op)
 
-    fmt, w, masks = make("bitmap", 33, 70, torch.float32, 0.4)
-    x, b = torch.randn(3, 70), torch.randn(33)
-    y = torch.ops.persona_kernels.bitmap_linear(x, fmt.values, fmt.bitmap, fmt.row_ptr, b)
-    torch.testing.assert_close(y, F.linear(x, w * masks[0], b), rtol=1e-4, atol=1e-4)
-    torch.library.opcheck(torch.ops.persona_kernels.bitmap_linear.default,
-                          (x, fmt.values, fmt.bitmap, fmt.row_ptr, b), test_utils=("test_schema", "test_faketensor"))
+    fmt, w, masks = make(fmt_name, 32, 80, torch.float32, 0.4, P=2)
+    x, b = torch.randn(3, 80), torch.randn(32)
+    prow = torch.tensor([1, 0, 1]) if fmt.kind in ml.MULTI_PERSONA else None
+    tensors, ints = fmt.op_args()
+    args = (x, fmt.kind, tensors, ints, b, prow, "reference")
+    y = torch.ops.persona_kernels.masked_linear(*args)
+    for r in range(3):
+        p = 0 if prow is None else int(prow[r])
+        torch.testing.assert_close(y[r], F.linear(x[r], w * masks[p], b), rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(torch.ops.persona_kernels.masked_linear.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_torch_compile_traces_without_graph_breaks(fmt_name):
+    """fullgraph=True fails on any graph break; aot_eager runs the traced graph without codegen."""
+    import torch._dynamo
+
+    fmt, w, masks = make(fmt_name, 32, 80, torch.float32, 0.4, P=2)
+    persona = torch.tensor([1, 0]) if fmt.kind in ml.MULTI_PERSONA else None
+    b = torch.randn(32)
+
+    def f(x):
+        return masked_linear(x, fmt, b, persona=persona).relu()
+
+    torch._dynamo.reset()
+    ml.dispatch.reload_table()  # the route is worked out afresh while tracing
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for batch in (2, 2, 40):  # 40 rows: above the CPU crossover, the dense route
+        x = torch.randn(2, batch // 2, 80)
+        torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
+
+

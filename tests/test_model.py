@@ -243,3 +243,27 @@ def test_unsupported_architecture_is_a_clear_error():
     _, _, _, store = _setup("llama")
     with pytest.raises(UnsupportedArchitecture, match="ConvNet is not supported"):
         pm.apply(model, store)
+
+
+def test_torch_compile_of_a_persona_model():
+    """The patched model compiles (masked_linear is a torch.library op) and matches eager."""
+    import torch._dynamo
+
+    model, tok, calib, store = _setup("llama")
+    ref = masked_copy(model, store, "introvert")
+    pm.apply(model, store, persona="introvert", format="bitmap")
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=keep_graph)
+    with torch.no_grad():
+        got = compiled(**enc).logits
+    torch.testing.assert_close(got, ref(**enc).logits, rtol=1e-5, atol=1e-5)
+    traced = sum(g.count("persona_kernels.masked_linear") for g in graphs)
+    assert traced == len(store.layers), f"{traced} of {len(store.layers)} masked layers were traced into the graph"
+    pm.remove(model)

@@ -65,14 +65,31 @@ class WeightFormat:
         raise NotImplementedError
 
     def dense_for(self, persona: Optional[int] = None) -> torch.Tensor:
-        """to_dense(persona), cached for the last persona asked for (see ``cache_dense``)."""
+        """to_dense(persona), cached for the last persona asked for (see ``cache_dense``).
+
+        The cache hangs on the format's first tensor, not on this object: the torch.library op
+        rebuilds format objects from their tensors, and they must find the same cache.
+        """
         if not self.cache_dense:
             return self.to_dense(persona)
-        cached = getattr(self, "_dense_cache", None)
+        try:
+            holder = self.op_args()[0][0]
+        except NotImplementedError:
+            holder = self
+        cached = getattr(holder, "_pk_dense_cache", None)
         if cached is None or cached[0] != persona:
             cached = (persona, self.to_dense(persona))
-            self._dense_cache = cached
+            holder._pk_dense_cache = cached
         return cached[1]
+
+    # The torch.library op (ops/masked_linear/library.py) takes tensors and ints only.
+    def op_args(self) -> tuple[list, list]:
+        """(tensors, ints) that rebuild this format with ``from_op_args``; ints[0] is out_features."""
+        raise NotImplementedError(f"the {self.kind} format cannot cross a torch.library op")
+
+    @classmethod
+    def from_op_args(cls, tensors: list, ints: list) -> "WeightFormat":
+        raise NotImplementedError
 
     def nbytes(self) -> int:
         """Bytes of every tensor the format keeps resident."""
@@ -83,7 +100,10 @@ class WeightFormat:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.state()[0].values())).device
+        dev = self.__dict__.get("_device")  # formats are immutable: looked up once (hot path)
+        if dev is None:
+            dev = self._device = next(iter(self.state()[0].values())).device
+        return dev
 
     def state(self) -> tuple[dict, dict]:
         raise NotImplementedError

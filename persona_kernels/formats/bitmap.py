@@ -66,3 +66,10 @@ class BitmapWeight(WeightFormat):
         if values.numel() < nnz + PAD:  # written without the padding the vector kernels rely on
             values = torch.cat([values[:nnz], values.new_zeros(PAD)])
         return cls(values, tensors["bitmap"], row_ptr, tuple(meta["shape"]))
+
+    def op_args(self):
+        return [self.values, self.bitmap, self.row_ptr], list(self.shape)
+
+    @classmethod
+    def from_op_args(cls, tensors, ints):
+        return cls(*tensors, tuple(ints[:2]))

@@ -71,3 +71,10 @@ class BlockSparseWeight(WeightFormat):
     @classmethod
     def from_state(cls, tensors, meta):
         return cls(tensors["weight"], tensors["blocks"], tuple(meta["block"]), tuple(tensors["weight"].shape))
+
+    def op_args(self):
+        return [self.weight, self.blocks], [*self.shape, *self.block]
+
+    @classmethod
+    def from_op_args(cls, tensors, ints):
+        return cls(tensors[0], tensors[1], tuple(ints[2:4]), tuple(ints[:2]))

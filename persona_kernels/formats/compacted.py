@@ -52,3 +52,10 @@ class CompactedWeight(WeightFormat):
     @classmethod
     def from_state(cls, tensors, meta):
         return cls(tensors["weight"], tensors["index"], tuple(meta["shape"]), meta["axis"])
+
+    def op_args(self):
+        return [self.weight, self.index], [*self.shape, int(self.axis == "in")]
+
+    @classmethod
+    def from_op_args(cls, tensors, ints):
+        return cls(tensors[0], tensors[1], tuple(ints[:2]), "in" if ints[2] else "out")

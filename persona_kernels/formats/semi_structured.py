@@ -29,6 +29,9 @@ def why_unsupported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 
 class SemiStructuredWeight(WeightFormat):
+    """Runs as F.linear on the sparse tensor (PyTorch's own 2:4 kernels); the tensor subclass
+    does not cross the masked_linear torch.library op, torch.compile traces it directly."""
+
     kind = "semi24"
 
     def __init__(self, sparse, shape, dtype):

@@ -49,3 +49,10 @@ class SharedBitmask(WeightFormat):
     @classmethod
     def from_state(cls, tensors, meta):
         return cls(tensors["weight"], tensors["bits"], tuple(tensors["weight"].shape))
+
+    def op_args(self):
+        return [self.weight, self.bits], list(self.shape)
+
+    @classmethod
+    def from_op_args(cls, tensors, ints):
+        return cls(tensors[0], tensors[1], tuple(ints[:2]))

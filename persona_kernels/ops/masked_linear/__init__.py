@@ -52,7 +52,7 @@ def _load_backend_modules() -> None:
         return
     import importlib
 
-    for mod in ("compacted", "cpu", "triton_kernel", "cuda"):
+    for mod in ("torch_kernels", "cpu", "triton_kernel", "cuda"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except Exception as exc:  # noqa: BLE001 - any failure disables that backend only
@@ -89,10 +89,7 @@ def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Optional[torch
     else:
         raise ValueError(f"persona tensor of shape {tuple(persona.shape)} matches neither the rows ({rows}) nor the "
                          f"sequences ({lead[0] if lead else 0}) of x")
-    # range check only for host tensors: on a GPU it would force a sync on every decode step
-    if persona.device.type == "cpu" and p.numel() and (int(persona.min()) < 0 or int(persona.max()) >= P):
-        raise ValueError(f"persona indices must be in [0, {P})")
-    return p
+    return p  # its range is checked where the kernel runs (run_kernel), also under torch.compile
 
 
 def _check(x: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor]) -> None:
@@ -118,40 +115,54 @@ def available_backends(fmt: WeightFormat, device: torch.device) -> list[str]:
     return out
 
 
+def run_kernel(name: str, x2: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor],
+               persona_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """Run backend ``name`` ('reference', 'dense', 'torch', 'triton', 'cpp', 'cuda') on x2 [N, in]."""
+    if persona_rows is not None and persona_rows.device.type == "cpu" and persona_rows.numel():
+        # range check only for host tensors: on a GPU it would force a sync on every decode step
+        lo, hi = torch.aminmax(persona_rows)
+        if int(lo) < 0 or int(hi) >= fmt.num_personas:
+            raise ValueError(f"persona indices must be in [0, {fmt.num_personas}), got [{int(lo)}, {int(hi)}]")
+    if name in ("reference", "dense"):
+        return masked_linear_reference(x2, fmt, bias, persona_rows, cached=name == "dense")
+    _load_backend_modules()
+    kernel = KERNELS.get((fmt.kind, name))
+    if kernel is None:
+        why = "; ".join(f"{k}: {v}" for k, v in LOAD_ERRORS.items())
+        raise backends.BackendUnavailable(f"no {name!r} kernel for the {fmt.kind} format; available here: "
+                                          f"{available_backends(fmt, x2.device)}" + (f" (load errors: {why})" if why else ""))
+    return kernel(x2, fmt, bias, persona_rows)
+
+
 def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Tensor] = None,
                   persona: Union[None, int, torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """y = x (W ⊙ M_persona)ᵀ + bias for x [..., in]; output [..., out] in x's dtype.
 
     ``persona``: for multi-persona formats (shared_bitmask, block) an index, or an integer
     tensor with one persona per row of x or per sequence of a [B, T, in] x (mixed batches).
+    ``backend``: 'auto' (the dispatcher), 'reference' (the float oracle), 'torch', 'triton',
+    'cpp' or 'cuda'. Under torch.compile the call goes through the torch.library op
+    ``persona_kernels::masked_linear`` (library.py); eager calls run the kernel directly.
     """
     _check(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
     prow = _persona_rows(weight, persona, x)
     if backend == "auto":
-        from .dispatch import choose
-
         name = choose(weight, x2)
-        if weight.kind == "bitmap" and name not in ("reference", "dense"):
-            # through the torch.library op, so torch.compile can trace the automatic path
-            from .library import bitmap_linear
-
-            return bitmap_linear(x2, weight.values, weight.bitmap, weight.row_ptr, bias).view(*x.shape[:-1], weight.shape[0])
     elif backend == "torch":  # kernels made of plain PyTorch ops (not the oracle), e.g. compacted GEMM
         name = backend
     else:
         name = backends.resolve(backend, x.device, ())
-    if name in ("reference", "dense"):
-        y = masked_linear_reference(x2, weight, bias, prow, cached=name == "dense")
+    if torch.compiler.is_compiling() and weight.kind != "semi24":
+        from .library import masked_linear_op
+
+        tensors, ints = weight.op_args()
+        y = masked_linear_op(x2, weight.kind, tensors, ints, bias, prow, name)
     else:
-        _load_backend_modules()
-        kernel = KERNELS.get((weight.kind, name))
-        if kernel is None:
-            why = "; ".join(f"{k}: {v}" for k, v in LOAD_ERRORS.items())
-            raise backends.BackendUnavailable(f"no {name!r} kernel for the {weight.kind} format; available here: "
-                                              f"{available_backends(weight, x.device)}" + (f" (load errors: {why})" if why else ""))
-        y = kernel(x2, weight, bias, prow)
+        y = run_kernel(name, x2, weight, bias, prow)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["masked_linear", "masked_linear_reference", "register_kernel", "available_backends", "new_output", "KERNELS"]
+from .dispatch import choose  # noqa: E402 (dispatch reads KERNELS from this module)
+
+__all__ = ["masked_linear", "masked_linear_reference", "register_kernel", "available_backends", "new_output", "run_kernel", "KERNELS"]

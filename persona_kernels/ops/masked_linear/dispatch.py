@@ -3,7 +3,12 @@
 Crossover tables are measured by `python benchmarks/bench_masked_linear.py --write-crossover`
 and stored per device class in crossover.json beside this file; the user can override any
 entry with set_crossover(). Without a measured entry, the conservative rule is: sparse kernel
-at batch 1..4 when one exists, dense otherwise.
+at batch 1..4 when one exists, dense otherwise. Above the crossover, compacted and 2:4 weights
+run their 'torch' kernel (a GEMM on the compact / sparse weight), the others a dense GEMM on the
+cached masked weight.
+
+The route per (format kind, device) is worked out once and cached: the decode hot path pays a
+dict lookup, not a table walk.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from ...formats import WeightFormat
 
 _TABLE_FILE = os.path.join(os.path.dirname(__file__), "crossover.json")
 _OVERRIDES: dict = {}
+_ROUTES: dict = {}  # (kind, device) -> (sparse backend or None, max_batch, fallback)
+_TORCH_FALLBACK = ("compacted", "semi24")  # formats whose 'torch' kernel beats densifying
 
 
 def device_class(device: torch.device) -> str:
@@ -47,11 +54,13 @@ def _table() -> dict:
 def reload_table() -> None:
     """Re-read crossover.json (after a benchmark wrote a new one)."""
     _stored_table.cache_clear()
+    _ROUTES.clear()
 
 
 def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[str] = None) -> None:
     """Use the sparse kernel of ``kind`` up to ``max_batch`` rows on ``device_cls`` (0: never)."""
     _OVERRIDES[(device_cls, kind)] = {"max_batch": int(max_batch), "backend": backend}
+    _ROUTES.clear()
 
 
 def _sparse_backend(kind: str, device: torch.device) -> Optional[str]:
@@ -65,15 +74,25 @@ def _sparse_backend(kind: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def choose(fmt: WeightFormat, x2: torch.Tensor) -> str:
-    """'dense' (a GEMM on the cached masked dense weight) or a sparse kernel backend for this call."""
-    if fmt.kind == "compacted":
-        return "torch"  # a dense GEMM on the compact weight is already the fast path
-    name = _sparse_backend(fmt.kind, x2.device)
-    entry = _table().get(device_class(x2.device), {}).get(fmt.kind)
+# torch.compile runs this at trace time and keeps the result as a constant (it imports kernel
+# modules and reads files, which Dynamo cannot trace)
+@torch.compiler.assume_constant_result
+def _route(kind: str, device: torch.device) -> tuple:
+    fallback = "torch" if kind in _TORCH_FALLBACK else "dense"
+    name = _sparse_backend(kind, device)
+    entry = _table().get(device_class(device), {}).get(kind)
     if entry is not None and entry.get("backend"):
-        name = entry["backend"] if backends.available(entry["backend"], x2.device) else name
+        name = entry["backend"] if backends.available(entry["backend"], device) else name
     max_batch = entry["max_batch"] if entry is not None else 4
-    if name is None or x2.shape[0] > max_batch:
-        return "dense"
-    return name
+    return name, max_batch, fallback
+
+
+def choose(fmt: WeightFormat, x2: torch.Tensor) -> str:
+    """The backend for this call: a sparse kernel up to the crossover batch, else 'dense' (a GEMM
+    on the cached masked dense weight) or 'torch' (compacted / 2:4)."""
+    key = (fmt.kind, x2.device)
+    route = _ROUTES.get(key)
+    if route is None:
+        route = _ROUTES[key] = _route(fmt.kind, x2.device)
+    name, max_batch, fallback = route
+    return name if name is not None and x2.shape[0] <= max_batch else fallback

@@ -1,9 +1,11 @@
-"""masked_linear's bitmap kernel as a torch.library custom op, so it works under torch.compile.
+"""masked_linear as one torch.library custom op, so torch.compile traces it without graph breaks.
 
-``torch.ops.persona_kernels.bitmap_linear(x, values, bitmap, row_ptr, bias)`` takes only
-tensors (formats are Python objects and cannot cross the op boundary) and dispatches on the
-device to the native kernel: C++ on the CPU, CUDA (or Triton) on a GPU, with a fake
-implementation for tracing.
+``torch.ops.persona_kernels.masked_linear(x, kind, tensors, ints, bias, persona_rows, backend)``
+takes only tensors, ints and strings (format objects cannot cross the op boundary): the
+format is rebuilt from ``fmt.op_args()`` inside and the kernel named by ``backend`` runs (the
+dispatcher chose it at trace time). The fake implementation only needs ints[0] = out_features.
+Eager calls skip the op and call the same kernels directly: the op's Python dispatch costs
+about 15 us a call, which a decode step over hundreds of layers would feel.
 """
 from __future__ import annotations
 
@@ -11,26 +13,20 @@ from typing import Optional
 
 import torch
 
-from ...formats import BitmapWeight
-from . import KERNELS
-from .dispatch import _sparse_backend
+from ...formats import BitmapWeight, BlockSparseWeight, CompactedWeight, SharedBitmask
+
+FORMAT_CLASSES = {cls.kind: cls for cls in (BitmapWeight, BlockSparseWeight, CompactedWeight, SharedBitmask)}
 
 
-def _run(x, values, bitmap, row_ptr, bias, out_features):
-    fmt = BitmapWeight(values, bitmap, row_ptr, (out_features, x.shape[1]), values.dtype)
-    name = _sparse_backend("bitmap", x.device)  # the dispatcher's own choice of kernel
-    if name is None:
-        return torch.nn.functional.linear(x, fmt.to_dense(), bias)
-    return KERNELS[("bitmap", name)](x, fmt, bias, None)
+@torch.library.custom_op("persona_kernels::masked_linear", mutates_args=())
+def masked_linear_op(x: torch.Tensor, kind: str, tensors: list[torch.Tensor], ints: list[int],
+                     bias: Optional[torch.Tensor], persona_rows: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    """y [N, out] = x [N, in] (W ⊙ M)ᵀ + bias for the format ``kind`` rebuilt from (tensors, ints)."""
+    from . import run_kernel
+
+    return run_kernel(backend, x, FORMAT_CLASSES[kind].from_op_args(tensors, ints), bias, persona_rows)
 
 
-@torch.library.custom_op("persona_kernels::bitmap_linear", mutates_args=())
-def bitmap_linear(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor, row_ptr: torch.Tensor,
-                  bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """y = x W_maskedᵀ + bias for a bitmap-compressed weight (x [N, in], y [N, out])."""
-    return _run(x, values, bitmap, row_ptr, bias, bitmap.shape[0])
-
-
-@bitmap_linear.register_fake
-def _(x, values, bitmap, row_ptr, bias):
-    return x.new_empty(x.shape[0], bitmap.shape[0])
+@masked_linear_op.register_fake
+def _(x, kind, tensors, ints, bias, persona_rows, backend):
+    return x.new_empty(x.shape[0], ints[0])

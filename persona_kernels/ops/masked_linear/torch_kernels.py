@@ -1,5 +1,9 @@
-"""Compacted weights run as a dense GEMM on the compact matrix: the optimal kernel is the
-vendor GEMM itself (MKL/oneDNN on CPU, cuBLAS on GPU), reading only the kept rows/columns."""
+"""The 'torch' backend: formats whose fastest kernel is a PyTorch op already.
+
+Compacted weights run a dense GEMM on the compact matrix, the vendor GEMM (MKL/oneDNN on CPU,
+cuBLAS on GPU) reading only the kept rows/columns; 2:4 weights run F.linear on PyTorch's
+semi-structured sparse tensor (cuSPARSELt / CUTLASS sparse tensor cores).
+"""
 from __future__ import annotations
 
 import torch
@@ -19,3 +23,8 @@ def compacted_linear(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
         y.copy_(bias.expand_as(y))
     y.index_copy_(1, fmt.index, F.linear(x2, fmt.weight, None if bias is None else bias.index_select(0, fmt.index)))
     return y
+
+
+@register_kernel("semi24", "torch")
+def semi_structured_linear(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
+    return F.linear(x2, fmt.sparse, bias)
