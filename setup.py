@@ -57,6 +57,7 @@ def _native_extensions(status):
             "persona_kernels._C_cpu", cpu_sources,
             extra_compile_args=["-O3", *openmp, *cpu_flags],
             extra_link_args=openmp,
+            depends=sorted(glob.glob(os.path.join("csrc", "cpu", "*.h"))),
         ))
         status["cpu"] = "pending"
     else:

@@ -14,14 +14,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, reps: int = 7, min_time: float = 0.05) -> float:
-    """Median seconds per call (at least ``reps`` timed calls, more until ``min_time`` has passed)."""
+_FLUSH: dict = {}
+
+
+def flush_cache(device: torch.device) -> None:
+    """Overwrite a buffer larger than the last-level cache (64 MiB on this CPU's 32 MiB L3,
+    256 MiB against a GPU's L2): in a real decode step the other layers' weights have evicted
+    this layer's, so a kernel timed with a warm cache would look faster than it is."""
+    key = (device.type, device.index)
+    if key not in _FLUSH:
+        _FLUSH[key] = torch.empty((256 if device.type == "cuda" else 64) * 2**20 // 4, dtype=torch.float32, device=device)
+    _FLUSH[key].fill_(1.0)
+    sync(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, reps: int = 7, min_time: float = 0.05,
+            cold: bool = True) -> float:
+    """Median seconds per call (at least ``reps`` timed calls, more until ``min_time`` has passed).
+
+    ``cold``: flush the caches before each timed call (see flush_cache).
+    """
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     start = time.perf_counter()
     while len(times) < reps or (time.perf_counter() - start) < min_time and len(times) < 200:
+        if cold:
+            flush_cache(device)
         t0 = time.perf_counter()
         fn()
         sync(device)

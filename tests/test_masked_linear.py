@@ -97,9 +97,19 @@ def test_large_batch(fmt_name, backend, batch):
     check(fmt_name, backend, torch.float32, batch, out_f, in_f, 0.3, seed=5, bias=False)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_bfloat16_native(backend):
-    check("bitmap", backend, torch.bfloat16, 3, 37, 123, 0.5)
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+@pytest.mark.parametrize("fmt_name", ["bitmap", "compacted_out", "compacted_in"])
+def test_bfloat16_native(fmt_name, backend):
+    check(fmt_name, backend, torch.bfloat16, 3, 37, 123, 0.5)
+
+
+def test_compacted_cpp_rejects_a_corrupt_index():
+    if "cpp" not in available_backends(make("compacted_out", 8, 16, torch.float32)[0], torch.device("cpu")):
+        pytest.skip("no C++ extension")
+    fmt, _, _ = make("compacted_out", 8, 16, torch.float32, density=0.9)
+    fmt.index[-1] = 8  # as if loaded from a damaged file
+    with pytest.raises(RuntimeError, match="out of range"):
+        masked_linear(torch.randn(2, 16), fmt, backend="cpp")
 
 
 @pytest.mark.parametrize("fmt_name", ["shared_bitmask", "block16x16"])

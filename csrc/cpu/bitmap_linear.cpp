@@ -6,24 +6,17 @@
 // values into their columns, so decoding costs a few instructions per 16 weights and the
 // values stream sequentially from memory. Rows are split over OpenMP threads; for batches > 1 every
 // decoded vector is reused for all rows of x (up to NB at a time, kept in registers).
-#include <torch/extension.h>
-
 #include <algorithm>
-#include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
 
-constexpr int NB = 8;  // rows of x per pass (accumulators live in registers)
+using pk::to_float;
 
-inline float to_float(float v) { return v; }
-inline float to_float(at::Half v) { return static_cast<float>(v); }
-inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+constexpr int NB = 8;  // rows of x per pass (accumulators live in registers)
 
 // Scalar decode of one row for any value type: walk the set bits of each word.
 template <typename scalar_t>

@@ -1,7 +1,6 @@
-"""C++/OpenMP CPU kernel for the bitmap format (csrc/cpu/bitmap_linear.cpp).
-
-The compacted format needs no kernel of its own: its dense GEMM on the compact weight
-(compacted.py) is already the vendor GEMM reading only the kept rows.
+"""C++/OpenMP CPU kernels for the bitmap and compacted formats (csrc/cpu/bitmap_linear.cpp,
+csrc/cpu/compacted_linear.cpp). Both stream the weight once per pass and reuse it for up to 8
+rows of x; the dispatcher sends larger batches to dense / vendor GEMMs (crossover.json).
 """
 from __future__ import annotations
 
@@ -11,16 +10,29 @@ from ... import _native
 from . import new_output, register_kernel
 
 
-def has_kernel() -> bool:
+def has_kernel(name: str = "bitmap_linear") -> bool:
     mod = _native.load("cpu")
-    return mod is not None and hasattr(mod, "bitmap_linear")
+    return mod is not None and hasattr(mod, name)
 
 
-if has_kernel():
+def _bias_f32(bias):
+    return bias.float().contiguous() if bias is not None else torch.empty(0)
+
+
+if has_kernel("bitmap_linear"):
 
     @register_kernel("bitmap", "cpp")
     def bitmap_linear_cpu(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
         y = new_output(x2.shape[0], fmt.shape[0], x2.dtype, x2.device)
-        b = bias.float().contiguous() if bias is not None else torch.empty(0)
-        _native.require("cpu").bitmap_linear(x2.contiguous(), fmt.values, fmt.bitmap, fmt.row_ptr, b, y)
+        _native.require("cpu").bitmap_linear(x2.contiguous(), fmt.values, fmt.bitmap, fmt.row_ptr, _bias_f32(bias), y)
+        return y
+
+
+if has_kernel("compacted_linear"):
+
+    @register_kernel("compacted", "cpp")
+    def compacted_linear_cpu(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
+        y = new_output(x2.shape[0], fmt.shape[0], x2.dtype, x2.device)
+        _native.require("cpu").compacted_linear(x2.contiguous(), fmt.weight, fmt.index, fmt.axis == "in",
+                                                _bias_f32(bias), y)
         return y
