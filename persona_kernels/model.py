@@ -202,6 +202,10 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     for name in names:  # build everything first: a failure leaves the model unchanged
         base = modules[name]
         w = base.weight.detach().t() if isinstance(base, Conv1D) else base.weight.detach()
+        if w.device.type == "meta":
+            raise PersonaError(f"{name}: its weights are offloaded (on the meta device, loaded only at forward time by "
+                               "accelerate); persona formats are built from resident weights. Load the model without "
+                               "CPU/disk offload: a device_map over GPUs only, or device_map='cpu'")
         stacked = torch.stack([masks.mask(p, name) for p in masks.personas]).to(w.device)
         built[name] = MaskedLinear(base, handle, _build_format(kind, w, stacked, block), kind, backend)
     for name, wrapper in built.items():

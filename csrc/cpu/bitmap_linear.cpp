@@ -39,28 +39,39 @@ void row_scalar(const scalar_t* vals, const int32_t* words, int64_t nwords, cons
 // after the last value, so this never reads past the allocation), then an in-register
 // VEXPANDPS. Measured on AMD Zen 4: register expand ~3.3 ns per 32-bit word, the memory form
 // of expand ~18 ns and a variable-mask masked load ~11 ns. NBT rows of x are a compile-time
-// count so the accumulators stay in registers.
+// count so the accumulators stay in registers. Each x row gets one accumulator per half-word
+// and, for NBT <= 2, per word of an unrolled pair: with a single one the 4-cycle FMA latency
+// chain (two FMAs per word) was the limit at high sparsity, not the decode.
 template <int NBT>
 void row_avx512_f32(const float* vals, const int32_t* words, int64_t nwords, const float* x, int64_t ldx,
                     int64_t in_f, float* acc) {
-  __m512 sum[NBT];
-  for (int n = 0; n < NBT; ++n) sum[n] = _mm512_setzero_ps();
+  constexpr int U = NBT <= 2 ? 2 : 1;  // words per step
+  __m512 sum[U][2][NBT];
+  for (int u = 0; u < U; ++u)
+    for (int n = 0; n < NBT; ++n) sum[u][0][n] = sum[u][1][n] = _mm512_setzero_ps();
   const int64_t full = in_f / 32;  // words whose 32 columns all exist in x
-  for (int64_t w = 0; w < full; ++w) {
-    const uint32_t bits = static_cast<uint32_t>(words[w]);
-    const __mmask16 lo = static_cast<__mmask16>(bits & 0xFFFF), hi = static_cast<__mmask16>(bits >> 16);
-    const int c0 = __builtin_popcount(lo), c1 = __builtin_popcount(hi);
-    const __m512 v0 = _mm512_maskz_expand_ps(lo, _mm512_loadu_ps(vals));
-    const __m512 v1 = _mm512_maskz_expand_ps(hi, _mm512_loadu_ps(vals + c0));
-    vals += c0 + c1;
-    for (int n = 0; n < NBT; ++n) {
-      const float* xr = x + n * ldx + w * 32;
-      sum[n] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xr), sum[n]);
-      sum[n] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xr + 16), sum[n]);
+  int64_t w = 0;
+  for (; w + U <= full; w += U) {
+    for (int u = 0; u < U; ++u) {
+      const uint32_t bits = static_cast<uint32_t>(words[w + u]);
+      const __mmask16 lo = static_cast<__mmask16>(bits & 0xFFFF), hi = static_cast<__mmask16>(bits >> 16);
+      const int c0 = __builtin_popcount(lo), c1 = __builtin_popcount(hi);
+      const __m512 v0 = _mm512_maskz_expand_ps(lo, _mm512_loadu_ps(vals));
+      const __m512 v1 = _mm512_maskz_expand_ps(hi, _mm512_loadu_ps(vals + c0));
+      vals += c0 + c1;
+      for (int n = 0; n < NBT; ++n) {
+        const float* xr = x + n * ldx + (w + u) * 32;
+        sum[u][0][n] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xr), sum[u][0][n]);
+        sum[u][1][n] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xr + 16), sum[u][1][n]);
+      }
     }
   }
-  for (int n = 0; n < NBT; ++n) acc[n] += _mm512_reduce_add_ps(sum[n]);
-  if (full < nwords) row_scalar<float>(vals, words + full, nwords - full, x + full * 32, ldx, NBT, acc);
+  for (int n = 0; n < NBT; ++n) {
+    __m512 t = _mm512_add_ps(sum[0][0][n], sum[0][1][n]);
+    for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, _mm512_add_ps(sum[u][0][n], sum[u][1][n]));
+    acc[n] += _mm512_reduce_add_ps(t);
+  }
+  if (w < nwords) row_scalar<float>(vals, words + w, nwords - w, x + w * 32, ldx, NBT, acc);
 }
 
 void row_f32(const float* vals, const int32_t* words, int64_t nwords, const float* x, int64_t ldx, int64_t in_f,

@@ -17,17 +17,26 @@ namespace {
 
 constexpr int NB = 8;  // rows of x per pass (accumulators live in registers)
 
+// Two accumulators per x row (alternate 16-lane chunks) so the FMA latency chain is not the
+// limit when the weight row is in cache.
 template <typename scalar_t, int NBT>
 void dot_rows(const scalar_t* w, int64_t len, const float* x, int64_t ldx, float* acc) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  __m512 sum[NBT];
-  for (int n = 0; n < NBT; ++n) sum[n] = _mm512_setzero_ps();
+  __m512 sum[2][NBT];
+  for (int n = 0; n < NBT; ++n) sum[0][n] = sum[1][n] = _mm512_setzero_ps();
+  for (; i + 32 <= len; i += 32) {
+    const __m512 v0 = pk::load16(w + i), v1 = pk::load16(w + i + 16);
+    for (int n = 0; n < NBT; ++n) {
+      sum[0][n] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + n * ldx + i), sum[0][n]);
+      sum[1][n] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + n * ldx + i + 16), sum[1][n]);
+    }
+  }
   for (; i + 16 <= len; i += 16) {
     const __m512 v = pk::load16(w + i);
-    for (int n = 0; n < NBT; ++n) sum[n] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + n * ldx + i), sum[n]);
+    for (int n = 0; n < NBT; ++n) sum[0][n] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + n * ldx + i), sum[0][n]);
   }
-  for (int n = 0; n < NBT; ++n) acc[n] += _mm512_reduce_add_ps(sum[n]);
+  for (int n = 0; n < NBT; ++n) acc[n] += _mm512_reduce_add_ps(_mm512_add_ps(sum[0][n], sum[1][n]));
 #endif
   for (; i < len; ++i) {
     const float v = pk::to_float(w[i]);
