@@ -267,3 +267,42 @@ def test_torch_compile_of_a_persona_model():
     traced = sum(g.count("persona_kernels.masked_linear") for g in graphs)
     assert traced == len(store.layers), f"{traced} of {len(store.layers)} masked layers were traced into the graph"
     pm.remove(model)
+
+
+def _device_map(model, last_layer="cpu"):
+    n = model.config.num_hidden_layers
+    layers = {f"model.layers.{i}": "cpu" for i in range(n - 1)}
+    return {"model.embed_tokens": "cpu", **layers, f"model.layers.{n - 1}": last_layer, "model.norm": "cpu",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+def test_model_dispatched_by_a_device_map(tmp_path):
+    """accelerate's per-block hooks (as a device_map split installs them) stay in place and
+    the persona model still matches the masked copy; remove() gives back the hooked model."""
+    accelerate = pytest.importorskip("accelerate")
+    model, tok, calib, store = _setup("llama")
+    ref = masked_copy(model, store, "introvert")
+    want = _logits(ref, tok)
+    dense = _logits(model, tok)
+    accelerate.dispatch_model(model, _device_map(model), main_device="cpu", force_hooks=True)
+    hooked = [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
+    assert any(n.startswith("model.layers.") for n in hooked)
+    pm.apply(model, store, persona="introvert")
+    torch.testing.assert_close(_logits(model, tok), want, rtol=1e-5, atol=1e-5)
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(**enc, **kw), ref.generate(**enc, **kw))
+    pm.remove(model)
+    torch.testing.assert_close(_logits(model, tok), dense, rtol=0, atol=0)
+
+
+def test_offloaded_weights_are_a_clear_error(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    model, tok, calib, store = _setup("llama")
+    accelerate.dispatch_model(model, _device_map(model, last_layer="disk"), main_device="cpu",
+                              offload_dir=str(tmp_path))
+    before = [type(m).__name__ for m in model.modules()]
+    with pytest.raises(pm.PersonaError, match="offloaded"):
+        pm.apply(model, store, persona="introvert")
+    assert [type(m).__name__ for m in model.modules()] == before and not pm.is_applied(model)
