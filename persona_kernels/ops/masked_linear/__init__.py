@@ -145,7 +145,7 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
     ``persona_kernels::masked_linear`` (library.py); eager calls run the kernel directly.
     """
     _check(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
     prow = _persona_rows(weight, persona, x)
     if backend == "auto":
         name = choose(weight, x2)
@@ -160,7 +160,7 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
         y = masked_linear_op(x2, weight.kind, tensors, ints, bias, prow, name)
     else:
         y = run_kernel(name, x2, weight, bias, prow)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y if x.ndim == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
 from .dispatch import choose  # noqa: E402 (dispatch reads KERNELS from this module)

@@ -15,8 +15,11 @@ def has_kernel(name: str = "bitmap_linear") -> bool:
     return mod is not None and hasattr(mod, name)
 
 
+_NO_BIAS = torch.empty(0)  # one shared "no bias" tensor: no allocation on the decode path
+
+
 def _bias_f32(bias):
-    return bias.float().contiguous() if bias is not None else torch.empty(0)
+    return bias.float().contiguous() if bias is not None else _NO_BIAS
 
 
 if has_kernel("bitmap_linear"):
