@@ -11,8 +11,9 @@ DEACT = torch.rand(14336, device=DEV) > 0.9
 ADD = torch.rand(14336, device=DEV) * (torch.rand(14336, device=DEV) > 0.9)
 
 
+@pytest.mark.parametrize("act", [None, "silu"])
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-def test_induce(benchmark, backend):
+def test_induce(benchmark, backend, act):
     if not backends.available(backend, DEV) or (backend == "triton" and backends.triton_interpreter()):
         pytest.skip(f"{backend} not available")
-    benchmark(induce_neurons, A, DEACT, ADD, backend=backend)
+    benchmark(induce_neurons, A, DEACT, ADD, backend=backend, act=act)

@@ -23,7 +23,7 @@ from .fingerprint import Conv1D, check_fingerprint, linear_shape
 from .formats import BitmapWeight, BlockSparseWeight, CompactedWeight, SharedBitmask
 from .masks.store import MaskStore
 from .npti import NeuronSet, induction_vectors
-from .ops.induce_neurons import induce_neurons
+from .ops.induce_neurons import ACTIVATIONS, induce_neurons
 from .ops.masked_linear import masked_linear
 from .sites import activation_attr, check_supported, gated_mlps
 
@@ -134,8 +134,26 @@ class MaskedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.device)
 
 
+def fusable_activation(act: nn.Module) -> Optional[str]:
+    """The induce_neurons ``act`` that computes the same as the MLP's ``act`` module, or None.
+
+    Recognised by class name, then confirmed on a probe tensor: a look-alike is not fused.
+    """
+    name = type(act).__name__
+    kind = ("silu" if name in ("SiLU", "SiLUActivation") else
+            "gelu_tanh" if name in ("GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh") or
+            (isinstance(act, nn.GELU) and act.approximate == "tanh") else None)
+    if kind is None:
+        return None
+    probe = torch.linspace(-8.0, 8.0, 97)
+    with torch.no_grad():
+        same = torch.allclose(act(probe), ACTIVATIONS[kind](probe), rtol=1e-5, atol=1e-6)
+    return kind if same else None
+
+
 class InducedActivation(nn.Module):
-    """act_fn followed by NPTI induction (persona_kernels.ops.induce_neurons)."""
+    """The MLP's act_fn with NPTI induction fused in: one induce_neurons pass computes
+    act(gate) and the edit together (activations it cannot fuse run first, then the edit)."""
 
     _pk_wrapper = True
 
@@ -145,20 +163,23 @@ class InducedActivation(nn.Module):
         self.base = base
         self._args = (target, opposite, site, neurons, strength, keep_prob)
         self._generator, self._backend = generator, backend
+        self.fused = fusable_activation(base)
         self.enabled = True
 
     def extra_repr(self) -> str:
         target, opposite, site, neurons, strength, keep_prob = self._args
         n = len(target.at(site)[0])
-        return f"npti target={target.aspect!r}, pushed={n}/{neurons}, strength={strength}, keep_prob={keep_prob}"
+        return (f"npti target={target.aspect!r}, pushed={n}/{neurons}, strength={strength}, keep_prob={keep_prob}, "
+                f"fused={self.fused or 'no'}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.base(x)
         if not self.enabled:
-            return a
+            return self.base(x)
         target, opposite, site, neurons, strength, keep_prob = self._args
-        deact, add = induction_vectors(target, opposite, site, neurons, strength, keep_prob, self._generator, a.device)
-        return induce_neurons(a, deact, add, backend=self._backend)
+        deact, add = induction_vectors(target, opposite, site, neurons, strength, keep_prob, self._generator, x.device)
+        if self.fused:
+            return induce_neurons(x, deact, add, backend=self._backend, act=self.fused)
+        return induce_neurons(self.base(x), deact, add, backend=self._backend)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -295,5 +316,5 @@ def is_applied(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
-__all__ = ["InducedActivation", "MaskedLinear", "PersonaError", "PersonaHandle", "apply", "apply_neurons", "is_applied",
+__all__ = ["InducedActivation", "MaskedLinear", "fusable_activation", "PersonaError", "PersonaHandle", "apply", "apply_neurons", "is_applied",
            "persona", "remove", "set_batch_personas", "set_gamma", "set_persona"]

@@ -169,8 +169,9 @@ class _ManualInduction(torch.nn.Module):
         return torch.where(self.deact, a.clamp(max=0), a) + self.add
 
 
-def test_npti_induction_matches_manual_and_combines_with_masks():
-    model, tok, calib, store = _setup("llama")
+@pytest.mark.parametrize("arch,fused", [("llama", "silu"), ("gemma2", "gelu_tanh")])
+def test_npti_induction_matches_manual_and_combines_with_masks(arch, fused):
+    model, tok, calib, store = _setup(arch)
     target = identify_neurons(calib, "extravert", "introvert", min_neurons=30)
     opposite = identify_neurons(calib, "introvert", "extravert", min_neurons=30)
     ref = masked_copy(model, store, "extravert")
@@ -180,7 +181,7 @@ def test_npti_induction_matches_manual_and_combines_with_masks():
         mlp.act_fn = _ManualInduction(mlp.act_fn, deact, add)
     pm.apply(model, store, persona="extravert")
     pm.apply_neurons(model, target, opposite, strength=1.2, keep_prob=1.0)
-    assert "npti target='extravert'" in repr(model)
+    assert "npti target='extravert'" in repr(model) and f"fused={fused}" in repr(model)
     torch.testing.assert_close(_logits(model, tok), _logits(ref, tok), rtol=1e-5, atol=1e-5)
     before = _logits(model, tok)
     pm.remove(model)
@@ -306,3 +307,17 @@ def test_offloaded_weights_are_a_clear_error(tmp_path):
     with pytest.raises(pm.PersonaError, match="offloaded"):
         pm.apply(model, store, persona="introvert")
     assert [type(m).__name__ for m in model.modules()] == before and not pm.is_applied(model)
+
+
+def test_npti_fuses_only_activations_it_reproduces():
+    from transformers.activations import ACT2FN
+
+    class SiLU(torch.nn.Module):  # a look-alike by name that computes something else
+        def forward(self, x):
+            return torch.relu(x)
+
+    assert pm.fusable_activation(ACT2FN["silu"]) == "silu"
+    assert pm.fusable_activation(ACT2FN["gelu_pytorch_tanh"]) == "gelu_tanh"
+    assert pm.fusable_activation(torch.nn.GELU(approximate="tanh")) == "gelu_tanh"
+    assert pm.fusable_activation(torch.nn.GELU()) is None
+    assert pm.fusable_activation(SiLU()) is None

@@ -108,24 +108,42 @@ def test_induction_vectors():
         induction_vectors(t, o, site, 1)
 
 
+ACTS64 = {None: lambda t: t, "silu": lambda t: t * torch.sigmoid(t),
+          "gelu_tanh": lambda t: 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t ** 3)))}
+
+
+@pytest.mark.parametrize("act", [None, "silu", "gelu_tanh"])
 @pytest.mark.parametrize("backend", INDUCE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(5, 123, 123), (1, 1, 7), (3, 200)], ids=str)
-def test_induce_op_matches_float64(backend, dtype, shape):
+def test_induce_op_matches_float64(backend, dtype, shape, act):
     if backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 arithmetic")
     g = torch.Generator().manual_seed(sum(shape))
-    a = torch.randn(*shape, generator=g).to(dtype)
+    a = (4 * torch.randn(*shape, generator=g)).to(dtype)  # spans the activations' curved part and tails
     I = shape[-1]
     deact = torch.rand(I, generator=g) > 0.6
     add = torch.where(torch.rand(I, generator=g) > 0.5, torch.rand(I, generator=g), torch.zeros(I))
-    out = induce_neurons(a, deact, add, backend=backend)
-    a64 = a.double()
-    want = torch.where(deact, a64.clamp(max=0), a64) + add.double()
+    out = induce_neurons(a, deact, add, backend=backend, act=act)
+    f64 = ACTS64[act](a.double())
+    want = torch.where(deact, f64.clamp(max=0), f64) + add.double()
     assert out.dtype == dtype and out.shape == a.shape
     tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
-    assert torch.equal(out, induce_neurons(a, deact, add, backend="reference"))
+    if act is None:  # a pure select-and-add: every backend rounds the same way
+        assert torch.equal(out, induce_neurons(a, deact, add, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", INDUCE_BACKENDS)
+def test_induce_op_fused_activation_extremes(backend):
+    """exp overflow/underflow in the fused activations: huge and tiny inputs stay finite."""
+    a = torch.tensor([-1e4, -200.0, -90.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 90.0, 200.0, 1e4] * 2)
+    deact, add = torch.zeros(a.numel(), dtype=torch.bool), torch.zeros(a.numel())
+    for act in ("silu", "gelu_tanh"):
+        out = induce_neurons(a, deact, add, backend=backend, act=act)
+        want = ACTS64[act](a.double())
+        assert torch.isfinite(out).all(), (backend, act, out)
+        torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_induce_op_bad_input():
@@ -136,3 +154,5 @@ def test_induce_op_bad_input():
         induce_neurons(a, torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.float64))
     with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
         induce_neurons(a.double(), torch.zeros(8, dtype=torch.bool), torch.zeros(8))
+    with pytest.raises(ValueError, match="act must be"):
+        induce_neurons(a, torch.zeros(8, dtype=torch.bool), torch.zeros(8), act="relu")

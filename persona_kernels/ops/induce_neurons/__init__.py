@@ -1,21 +1,30 @@
 """induce_neurons: NPTI's activation edit, out = (deactivate ? min(a, 0) : a) + add.
 
-``a`` is a gated MLP's activation act_fn(gate(x)) [..., I]; ``deactivate`` [I] bool marks the
+``a`` is a gated MLP's activation act_fn(gate(x)) [..., I], or with ``act='silu'`` /
+``'gelu_tanh'`` the gate output gate(x) itself: the op then applies the activation in the same
+pass (fused into the MLP activation: one read and one write of the tensor instead of two each).
+``deactivate`` [I] bool marks the
 opposite aspect's neurons, ``add`` [I] float32 the push of the target aspect's neurons for this
 step (p95 * val * sigmoid(10 * (diff - 0.15)) for the neurons drawn to be kept, 0 elsewhere;
 see persona_kernels.npti.induction_vectors). Backends: reference, Triton, C++/OpenMP.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ... import backends
-from .reference import induce_neurons_reference
+from .reference import ACTIVATIONS, induce_neurons_reference
+
+ACT_CODES = {None: 0, "silu": 1, "gelu_tanh": 2}  # as the Triton and C++ kernels number them
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(a, deactivate, add):
+def _check(a, deactivate, add, act):
+    if act is not None and act not in ACTIVATIONS:
+        raise ValueError(f"act must be None or one of {sorted(ACTIVATIONS)}, got {act!r}")
     if not isinstance(a, torch.Tensor) or a.ndim < 1:
         raise TypeError("a must be a tensor [..., neurons]")
     if a.dtype not in SUPPORTED_DTYPES:
@@ -30,24 +39,25 @@ def _check(a, deactivate, add):
             raise ValueError(f"{name} is on {t.device} but the activation is on {a.device}")
 
 
-def induce_neurons(a: torch.Tensor, deactivate: torch.Tensor, add: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    _check(a, deactivate, add)
+def induce_neurons(a: torch.Tensor, deactivate: torch.Tensor, add: torch.Tensor, backend: str = "auto",
+                   act: Optional[str] = None) -> torch.Tensor:
+    _check(a, deactivate, add, act)
     name = backends.resolve(backend, a.device, ("triton",) if a.device.type == "cuda" else ("cpp",))
     if a.numel() == 0 or name == "reference":
-        return induce_neurons_reference(a, deactivate, add)
+        return induce_neurons_reference(a, deactivate, add, act)
     if name == "triton":
         from .triton_kernel import induce_neurons_triton
 
-        return induce_neurons_triton(a, deactivate.contiguous(), add.contiguous())
+        return induce_neurons_triton(a, deactivate.contiguous(), add.contiguous(), ACT_CODES[act])
     if name == "cpp":
         from .cpu import has_kernel, induce_neurons_cpu
 
         if has_kernel():
-            return induce_neurons_cpu(a, deactivate.contiguous(), add.contiguous())
+            return induce_neurons_cpu(a, deactivate.contiguous(), add.contiguous(), ACT_CODES[act])
         if backend != "auto":
             raise backends.BackendUnavailable("the C++ extension was built without induce_neurons; rebuild the package")
-        return induce_neurons_reference(a, deactivate, add)
+        return induce_neurons_reference(a, deactivate, add, act)
     raise ValueError(f"induce_neurons has no {name!r} kernel; use 'reference', 'triton' or 'cpp'")
 
 
-__all__ = ["induce_neurons", "induce_neurons_reference"]
+__all__ = ["ACTIVATIONS", "induce_neurons", "induce_neurons_reference"]
