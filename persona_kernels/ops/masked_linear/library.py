@@ -7,9 +7,9 @@ dispatcher chose it at trace time). The fake implementation only needs ints[0] =
 Eager calls skip the op and call the same kernels directly: the op's Python dispatch costs
 about 15 us a call, which a decode step over hundreds of layers would feel.
 """
-from __future__ import annotations
-
-from typing import Optional
+# No `from __future__ import annotations` here: torch.library infers the op schema from the
+# annotations, which older PyTorch releases read as objects, not strings.
+from typing import List, Optional
 
 import torch
 
@@ -19,7 +19,7 @@ FORMAT_CLASSES = {cls.kind: cls for cls in (BitmapWeight, BlockSparseWeight, Com
 
 
 @torch.library.custom_op("persona_kernels::masked_linear", mutates_args=())
-def masked_linear_op(x: torch.Tensor, kind: str, tensors: list[torch.Tensor], ints: list[int],
+def masked_linear_op(x: torch.Tensor, kind: str, tensors: List[torch.Tensor], ints: List[int],
                      bias: Optional[torch.Tensor], persona_rows: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     """y [N, out] = x [N, in] (W ⊙ M)ᵀ + bias for the format ``kind`` rebuilt from (tensors, ints)."""
     from . import run_kernel
