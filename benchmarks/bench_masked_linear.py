@@ -143,7 +143,9 @@ def main(argv=None):
                 stored = json.load(f)
         except (OSError, ValueError):
             stored = {}
-        stored[dispatch.device_class(torch.device(device))] = cross
+        cls = stored.setdefault(dispatch.device_class(torch.device(device)), {})
+        for kind, entry in cross.items():  # entries for the measured dtype only
+            cls[dispatch.table_key(kind, dtype)] = entry
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(stored, f, indent=2, sort_keys=True)

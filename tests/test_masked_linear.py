@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from persona_kernels.formats import (BitmapWeight, BlockSparseWeight, CompactedWeight, SemiStructuredUnsupported,
                                      SemiStructuredWeight, SharedBitmask, block_mask)
+from persona_kernels.formats.bitmap import PAD
 from persona_kernels.ops.masked_linear import available_backends, masked_linear
 
 ml = importlib.import_module("persona_kernels.ops.masked_linear")
@@ -166,7 +167,7 @@ def test_roundtrip_save_load_and_footprint(fmt_name, tmp_path):
     assert torch.equal(back.to_dense(0) if fmt.kind in ("shared_bitmask", "block") else back.to_dense(), w * masks[0])
     assert fmt.nbytes() > 0
     if fmt.kind == "bitmap":  # values + 1 bit per weight + row pointers
-        assert fmt.nbytes() == (fmt.nnz + 16) * 2 + 48 * 3 * 4 + 49 * 8
+        assert fmt.nbytes() == (fmt.nnz + PAD) * 2 + 48 * 3 * 4 + 49 * 8
     if fmt.kind == "shared_bitmask":
         assert fmt.persona_nbytes() == 48 * 3 * 4 and fmt.persona_nbytes() <= fmt.dense_nbytes() / 16
 

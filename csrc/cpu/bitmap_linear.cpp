@@ -35,16 +35,36 @@ void row_scalar(const scalar_t* vals, const int32_t* words, int64_t nwords, cons
 }
 
 #if defined(__AVX512F__)
-// fp32 values. An unaligned load of the next 16 packed values (the format keeps 16 zeros
-// after the last value, so this never reads past the allocation), then an in-register
-// VEXPANDPS. Measured on AMD Zen 4: register expand ~3.3 ns per 32-bit word, the memory form
-// of expand ~18 ns and a variable-mask masked load ~11 ns. NBT rows of x are a compile-time
-// count so the accumulators stay in registers. Each x row gets one accumulator per half-word
-// and, for NBT <= 2, per word of an unrolled pair: with a single one the 4-cycle FMA latency
-// chain (two FMAs per word) was the limit at high sparsity, not the decode.
-template <int NBT>
-void row_avx512_f32(const float* vals, const int32_t* words, int64_t nwords, const float* x, int64_t ldx,
-                    int64_t in_f, float* acc) {
+// Decoding one 32-bit bitmap word into two 16-lane float vectors (columns 0-15 and 16-31),
+// returning how many packed values it used. Loads run at most 16 values past the last one,
+// which the format's zero padding (bitmap.py PAD) covers.
+// fp32: two unaligned loads and two in-register VEXPANDPS. Measured on AMD Zen 4: register
+// expand ~3.3 ns per word, the memory form of expand ~18 ns, a variable-mask load ~11 ns.
+inline int decode_word(const float* vals, uint32_t bits, __m512* v0, __m512* v1) {
+  const __mmask16 lo = static_cast<__mmask16>(bits & 0xFFFF), hi = static_cast<__mmask16>(bits >> 16);
+  const int c0 = __builtin_popcount(lo);
+  *v0 = _mm512_maskz_expand_ps(lo, _mm512_loadu_ps(vals));
+  *v1 = _mm512_maskz_expand_ps(hi, _mm512_loadu_ps(vals + c0));
+  return c0 + __builtin_popcount(hi);
+}
+
+// fp16 / bf16: widen the next 16 packed values to float32 in registers, then the same fp32
+// expands. (One VPEXPANDW per word was measured slower on Zen 4: ~5 ns per word against ~3.5.)
+template <typename half_t>
+inline int decode_word(const half_t* vals, uint32_t bits, __m512* v0, __m512* v1) {
+  const __mmask16 lo = static_cast<__mmask16>(bits & 0xFFFF), hi = static_cast<__mmask16>(bits >> 16);
+  const int c0 = __builtin_popcount(lo);
+  *v0 = _mm512_maskz_expand_ps(lo, pk::load16(vals));
+  *v1 = _mm512_maskz_expand_ps(hi, pk::load16(vals + c0));
+  return c0 + __builtin_popcount(hi);
+}
+
+// NBT rows of x are a compile-time count so the accumulators stay in registers. Each x row
+// gets one accumulator per half-word and, for NBT <= 2, per word of an unrolled pair: with a
+// single one the 4-cycle FMA latency chain (two FMAs per word) was the limit at high sparsity.
+template <typename scalar_t, int NBT>
+void row_avx512(const scalar_t* vals, const int32_t* words, int64_t nwords, const float* x, int64_t ldx,
+                int64_t in_f, float* acc) {
   constexpr int U = NBT <= 2 ? 2 : 1;  // words per step
   __m512 sum[U][2][NBT];
   for (int u = 0; u < U; ++u)
@@ -53,12 +73,8 @@ void row_avx512_f32(const float* vals, const int32_t* words, int64_t nwords, con
   int64_t w = 0;
   for (; w + U <= full; w += U) {
     for (int u = 0; u < U; ++u) {
-      const uint32_t bits = static_cast<uint32_t>(words[w + u]);
-      const __mmask16 lo = static_cast<__mmask16>(bits & 0xFFFF), hi = static_cast<__mmask16>(bits >> 16);
-      const int c0 = __builtin_popcount(lo), c1 = __builtin_popcount(hi);
-      const __m512 v0 = _mm512_maskz_expand_ps(lo, _mm512_loadu_ps(vals));
-      const __m512 v1 = _mm512_maskz_expand_ps(hi, _mm512_loadu_ps(vals + c0));
-      vals += c0 + c1;
+      __m512 v0, v1;
+      vals += decode_word(vals, static_cast<uint32_t>(words[w + u]), &v0, &v1);
       for (int n = 0; n < NBT; ++n) {
         const float* xr = x + n * ldx + (w + u) * 32;
         sum[u][0][n] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xr), sum[u][0][n]);
@@ -71,20 +87,21 @@ void row_avx512_f32(const float* vals, const int32_t* words, int64_t nwords, con
     for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, _mm512_add_ps(sum[u][0][n], sum[u][1][n]));
     acc[n] += _mm512_reduce_add_ps(t);
   }
-  if (w < nwords) row_scalar<float>(vals, words + w, nwords - w, x + w * 32, ldx, NBT, acc);
+  if (w < nwords) row_scalar<scalar_t>(vals, words + w, nwords - w, x + w * 32, ldx, NBT, acc);
 }
 
-void row_f32(const float* vals, const int32_t* words, int64_t nwords, const float* x, int64_t ldx, int64_t in_f,
-             int nb, float* acc) {
+template <typename scalar_t>
+void row_vector(const scalar_t* vals, const int32_t* words, int64_t nwords, const float* x, int64_t ldx,
+                int64_t in_f, int nb, float* acc) {
   switch (nb) {
-    case 1: return row_avx512_f32<1>(vals, words, nwords, x, ldx, in_f, acc);
-    case 2: return row_avx512_f32<2>(vals, words, nwords, x, ldx, in_f, acc);
-    case 3: return row_avx512_f32<3>(vals, words, nwords, x, ldx, in_f, acc);
-    case 4: return row_avx512_f32<4>(vals, words, nwords, x, ldx, in_f, acc);
-    case 5: return row_avx512_f32<5>(vals, words, nwords, x, ldx, in_f, acc);
-    case 6: return row_avx512_f32<6>(vals, words, nwords, x, ldx, in_f, acc);
-    case 7: return row_avx512_f32<7>(vals, words, nwords, x, ldx, in_f, acc);
-    default: return row_avx512_f32<8>(vals, words, nwords, x, ldx, in_f, acc);
+    case 1: return row_avx512<scalar_t, 1>(vals, words, nwords, x, ldx, in_f, acc);
+    case 2: return row_avx512<scalar_t, 2>(vals, words, nwords, x, ldx, in_f, acc);
+    case 3: return row_avx512<scalar_t, 3>(vals, words, nwords, x, ldx, in_f, acc);
+    case 4: return row_avx512<scalar_t, 4>(vals, words, nwords, x, ldx, in_f, acc);
+    case 5: return row_avx512<scalar_t, 5>(vals, words, nwords, x, ldx, in_f, acc);
+    case 6: return row_avx512<scalar_t, 6>(vals, words, nwords, x, ldx, in_f, acc);
+    case 7: return row_avx512<scalar_t, 7>(vals, words, nwords, x, ldx, in_f, acc);
+    default: return row_avx512<scalar_t, 8>(vals, words, nwords, x, ldx, in_f, acc);
   }
 }
 #endif
@@ -102,11 +119,7 @@ void bitmap_rows(const scalar_t* values, const int32_t* bitmap, const int64_t* r
       const int32_t* words = bitmap + o * nwords;
       const float* xb = x + n0 * ldx;
 #if defined(__AVX512F__)
-      if constexpr (std::is_same<scalar_t, float>::value) {
-        row_f32(vals, words, nwords, xb, ldx, in_f, nb, acc);
-      } else {
-        row_scalar<scalar_t>(vals, words, nwords, xb, ldx, nb, acc);
-      }
+      row_vector<scalar_t>(vals, words, nwords, xb, ldx, in_f, nb, acc);
 #else
       row_scalar<scalar_t>(vals, words, nwords, xb, ldx, nb, acc);
 #endif

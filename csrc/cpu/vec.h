@@ -17,14 +17,17 @@ inline float to_float(at::Half v) { return static_cast<float>(v); }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+// 16 half-precision values already in a register -> float32 (the pointer only picks the type).
+inline __m512 widen16(__m256i h, const at::Half*) { return _mm512_cvtph_ps(h); }
 // bf16 is the high half of a float32: widen to 32 bits and shift into place.
-inline __m512 load16(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+inline __m512 widen16(__m256i h, const at::BFloat16*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+template <typename half_t>
+inline __m512 load16(const half_t* p) {
+  return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), p);
 }
 
 // e^x for 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 Taylor polynomial for e^r

@@ -17,7 +17,7 @@ import torch
 from .base import WeightFormat, check_mask, check_weight, pack_words, unpack_words
 
 
-PAD = 16
+PAD = 16  # vector kernels load 16 values from any offset
 
 
 class BitmapWeight(WeightFormat):

@@ -1,8 +1,9 @@
 """Backend choice for masked_linear: device, dtype, batch size, density -> kernel.
 
 Crossover tables are measured by `python benchmarks/bench_masked_linear.py --write-crossover`
-and stored per device class in crossover.json beside this file; the user can override any
-entry with set_crossover(). Without a measured entry, the conservative rule is: sparse kernel
+and stored per device class in crossover.json beside this file, per format kind and dtype
+('bitmap:float32'; a bare 'bitmap' entry covers the dtypes without one); the user can override
+any entry with set_crossover(). Without a measured entry, the conservative rule is: sparse kernel
 at batch 1..4 when one exists, dense otherwise. Above the crossover, compacted and 2:4 weights
 run their 'torch' kernel (a GEMM on the compact / sparse weight), the others a dense GEMM on the
 cached masked weight.
@@ -24,7 +25,7 @@ from ...formats import WeightFormat
 
 _TABLE_FILE = os.path.join(os.path.dirname(__file__), "crossover.json")
 _OVERRIDES: dict = {}
-_ROUTES: dict = {}  # (kind, device) -> (sparse backend or None, max_batch, fallback)
+_ROUTES: dict = {}  # (kind, device, dtype) -> (sparse backend or None, max_batch, fallback)
 _TORCH_FALLBACK = ("compacted", "semi24")  # formats whose 'torch' kernel beats densifying
 
 
@@ -57,9 +58,12 @@ def reload_table() -> None:
     _ROUTES.clear()
 
 
-def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[str] = None) -> None:
-    """Use the sparse kernel of ``kind`` up to ``max_batch`` rows on ``device_cls`` (0: never)."""
-    _OVERRIDES[(device_cls, kind)] = {"max_batch": int(max_batch), "backend": backend}
+def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[str] = None,
+                  dtype: Optional[torch.dtype] = None) -> None:
+    """Use the sparse kernel of ``kind`` up to ``max_batch`` rows on ``device_cls`` (0: never),
+    for ``dtype`` only or (None) for every dtype without an entry of its own."""
+    key = kind if dtype is None else table_key(kind, dtype)
+    _OVERRIDES[(device_cls, key)] = {"max_batch": int(max_batch), "backend": backend}
     _ROUTES.clear()
 
 
@@ -74,13 +78,20 @@ def _sparse_backend(kind: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def table_key(kind: str, dtype: torch.dtype) -> str:
+    """Key of a crossover entry measured at ``dtype`` ('bitmap:bfloat16'); an entry keyed by the
+    bare kind applies to the dtypes without their own."""
+    return f"{kind}:{str(dtype).removeprefix('torch.')}"
+
+
 # torch.compile runs this at trace time and keeps the result as a constant (it imports kernel
 # modules and reads files, which Dynamo cannot trace)
 @torch.compiler.assume_constant_result
-def _route(kind: str, device: torch.device) -> tuple:
+def _route(kind: str, device: torch.device, dtype: torch.dtype) -> tuple:
     fallback = "torch" if kind in _TORCH_FALLBACK else "dense"
     name = _sparse_backend(kind, device)
-    entry = _table().get(device_class(device), {}).get(kind)
+    table = _table().get(device_class(device), {})
+    entry = table.get(table_key(kind, dtype), table.get(kind))
     if entry is not None and entry.get("backend"):
         name = entry["backend"] if backends.available(entry["backend"], device) else name
     max_batch = entry["max_batch"] if entry is not None else 4
@@ -90,9 +101,9 @@ def _route(kind: str, device: torch.device) -> tuple:
 def choose(fmt: WeightFormat, x2: torch.Tensor) -> str:
     """The backend for this call: a sparse kernel up to the crossover batch, else 'dense' (a GEMM
     on the cached masked dense weight) or 'torch' (compacted / 2:4)."""
-    key = (fmt.kind, x2.device)
+    key = (fmt.kind, x2.device, x2.dtype)
     route = _ROUTES.get(key)
     if route is None:
-        route = _ROUTES[key] = _route(fmt.kind, x2.device)
+        route = _ROUTES[key] = _route(fmt.kind, x2.device, x2.dtype)
     name, max_batch, fallback = route
     return name if name is not None and x2.shape[0] <= max_batch else fallback
