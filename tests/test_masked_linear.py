@@ -209,3 +209,21 @@ def test_torch_compile_traces_without_graph_breaks(fmt_name):
         torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
 
 
+
+
+def test_crossover_is_per_dtype_and_overridable():
+    dispatch = ml.dispatch
+    fmt32, _, _ = make("bitmap", 16, 64, torch.float32)
+    fmt16, _, _ = make("bitmap", 16, 64, torch.bfloat16)
+    if "cpp" not in available_backends(fmt32, torch.device("cpu")):
+        pytest.skip("no C++ extension")
+    assert dispatch.table_key("bitmap", torch.bfloat16) == "bitmap:bfloat16"
+    key = ("cpu", dispatch.table_key("bitmap", torch.bfloat16))
+    try:
+        dispatch.set_crossover("cpu", "bitmap", 2, "cpp", dtype=torch.bfloat16)
+        assert dispatch.choose(fmt16, torch.randn(2, 64).bfloat16()) == "cpp"
+        assert dispatch.choose(fmt16, torch.randn(3, 64).bfloat16()) == "dense"
+        assert dispatch.choose(fmt32, torch.randn(3, 64)) == "cpp"  # float32 keeps its own entry
+    finally:
+        dispatch._OVERRIDES.pop(key, None)
+        dispatch.reload_table()
