@@ -207,6 +207,10 @@ def test_torch_compile_traces_without_graph_breaks(fmt_name):
     for batch in (2, 2, 40):  # 40 rows: above the CPU crossover, the dense route
         x = torch.randn(2, batch // 2, 80)
         torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
+    if persona is not None:  # the range check runs inside the op, also for traced calls
+        persona[0] = 7
+        with pytest.raises(ValueError, match="persona indices"):
+            compiled(torch.randn(2, 1, 80))
 
 
 

@@ -89,7 +89,9 @@ def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Optional[torch
     else:
         raise ValueError(f"persona tensor of shape {tuple(persona.shape)} matches neither the rows ({rows}) nor the "
                          f"sequences ({lead[0] if lead else 0}) of x")
-    return p  # its range is checked where the kernel runs (run_kernel), also under torch.compile
+    if not torch.compiler.is_compiling():  # traced calls check inside the op (library.py)
+        check_persona_range(p, P)
+    return p
 
 
 def _check(x: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor]) -> None:
@@ -115,14 +117,18 @@ def available_backends(fmt: WeightFormat, device: torch.device) -> list[str]:
     return out
 
 
+def check_persona_range(persona_rows: torch.Tensor, num_personas: int) -> None:
+    """Persona indices given as a tensor must be in range. Checked for host tensors only: on a
+    GPU it would force a sync on every decode step."""
+    if persona_rows.device.type == "cpu" and persona_rows.numel():
+        lo, hi = torch.aminmax(persona_rows)
+        if int(lo) < 0 or int(hi) >= num_personas:
+            raise ValueError(f"persona indices must be in [0, {num_personas}), got [{int(lo)}, {int(hi)}]")
+
+
 def run_kernel(name: str, x2: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor],
                persona_rows: Optional[torch.Tensor]) -> torch.Tensor:
     """Run backend ``name`` ('reference', 'dense', 'torch', 'triton', 'cpp', 'cuda') on x2 [N, in]."""
-    if persona_rows is not None and persona_rows.device.type == "cpu" and persona_rows.numel():
-        # range check only for host tensors: on a GPU it would force a sync on every decode step
-        lo, hi = torch.aminmax(persona_rows)
-        if int(lo) < 0 or int(hi) >= fmt.num_personas:
-            raise ValueError(f"persona indices must be in [0, {fmt.num_personas}), got [{int(lo)}, {int(hi)}]")
     if name in ("reference", "dense"):
         return masked_linear_reference(x2, fmt, bias, persona_rows, cached=name == "dense")
     _load_backend_modules()

@@ -22,9 +22,12 @@ FORMAT_CLASSES = {cls.kind: cls for cls in (BitmapWeight, BlockSparseWeight, Com
 def masked_linear_op(x: torch.Tensor, kind: str, tensors: List[torch.Tensor], ints: List[int],
                      bias: Optional[torch.Tensor], persona_rows: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     """y [N, out] = x [N, in] (W ⊙ M)ᵀ + bias for the format ``kind`` rebuilt from (tensors, ints)."""
-    from . import run_kernel
+    from . import check_persona_range, run_kernel
 
-    return run_kernel(backend, x, FORMAT_CLASSES[kind].from_op_args(tensors, ints), bias, persona_rows)
+    fmt = FORMAT_CLASSES[kind].from_op_args(tensors, ints)
+    if persona_rows is not None:
+        check_persona_range(persona_rows, fmt.num_personas)
+    return run_kernel(backend, x, fmt, bias, persona_rows)
 
 
 @masked_linear_op.register_fake
