@@ -3,7 +3,7 @@ from ._version import __version__
 from ._native import BackendUnavailable
 from .calibrate import CalibrationConfig, CalibrationResult, calibrate
 from .masks import MaskConfig, MaskStore, build_masks
-from .model import apply, apply_neurons, persona, remove, set_batch_personas, set_gamma, set_persona
+from .model import apply, apply_neurons, is_applied, persona, remove, set_batch_personas, set_gamma, set_persona
 from .npti import NeuronSet, identify_neurons
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
 from .ops.induce_neurons import induce_neurons
@@ -13,6 +13,6 @@ from .stats import StatsConfig, StatsState
 __all__ = [
     "__version__", "BackendUnavailable", "CalibrationConfig", "CalibrationResult", "MaskConfig", "MaskStore", "NeuronSet",
     "NonFiniteActivationError", "StatsConfig", "StatsState", "accumulate_stats", "apply", "apply_neurons",
-    "build_masks", "calibrate", "identify_neurons", "induce_neurons", "masked_linear", "persona", "remove",
+    "build_masks", "calibrate", "identify_neurons", "induce_neurons", "is_applied", "masked_linear", "persona", "remove",
     "set_batch_personas", "set_gamma", "set_persona",
 ]
