@@ -45,7 +45,7 @@ def make_formats(w: torch.Tensor, sparsity: float, device):
     return out
 
 
-def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=print):
+def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=print, formats=None):
     rows = []
     for (o, i) in shapes:
         w = torch.randn(o, i, dtype=dtype, device=device)
@@ -56,6 +56,8 @@ def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=pr
                 x = torch.randn(b, i, dtype=dtype, device=device)
                 t_dense = time_fn(lambda: F.linear(x, w), torch.device(device))
                 for name, fmt in fmts.items():
+                    if formats and name not in formats:
+                        continue
                     for backend in available_backends(fmt, torch.device(device)):
                         if backend == "reference":
                             continue  # the reference re-densifies: not a kernel worth timing
@@ -114,6 +116,7 @@ def main(argv=None):
     ap.add_argument("--sparsities", default="0.3,0.5,0.7,0.9")
     ap.add_argument("--batches", default="1,4,16,64,512")
     ap.add_argument("--backends", help="comma-separated backends to time (default: all available)")
+    ap.add_argument("--formats", help="comma-separated formats to time (default: bitmap,shared_bitmask,compacted)")
     ap.add_argument("--plot", help="save a PNG of speed-up vs sparsity at batch 1")
     ap.add_argument("--json", help="write all rows as JSON here")
     ap.add_argument("--write-crossover", action="store_true", help="store the measured crossover for this device class")
@@ -127,7 +130,8 @@ def main(argv=None):
         sparsities = [float(s) for s in args.sparsities.split(",")]
         batches = [int(b) for b in args.batches.split(",")]
     print(f"# masked_linear on {machine()} (torch {torch.__version__}, {dtype})")
-    rows = run(shapes, sparsities, batches, dtype, device, args.backends.split(",") if args.backends else None)
+    rows = run(shapes, sparsities, batches, dtype, device, args.backends.split(",") if args.backends else None,
+               formats=args.formats.split(",") if args.formats else None)
     table = [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     print_table(table, ["shape", "sparsity", "batch", "format", "backend", "ms", "dense_ms", "speedup", "ideal",
                         "of_ideal", "GBps", "dense_GBps", "persona_MB"])

@@ -231,3 +231,17 @@ def test_crossover_is_per_dtype_and_overridable():
     finally:
         dispatch._OVERRIDES.pop(key, None)
         dispatch.reload_table()
+
+
+def test_mixed_persona_batches_take_the_kernel_at_any_size():
+    """A mixed batch above the crossover must not fall back to densifying one weight per persona."""
+    fmt, w, masks = make("shared_bitmask", 24, 64, torch.float32, 0.5, P=3, seed=4)
+    if "cpp" not in available_backends(fmt, torch.device("cpu")):
+        pytest.skip("no C++ extension")
+    x = torch.randn(40, 64)
+    persona = torch.arange(40) % 3
+    assert ml.dispatch.choose(fmt, x, mixed=True) == "cpp"
+    assert ml.dispatch.choose(fmt, x, mixed=False) == "dense"  # one persona, large batch: cached dense GEMM
+    y = masked_linear(x, fmt, persona=persona)
+    want = torch.einsum("bi,boi->bo", x.double(), (w.double() * masks.double())[persona])
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)

@@ -862,12 +862,13 @@ void register_accumulate_stats(pybind11::module_& m) {
 // its own file (like csrc/cuda/module.cpp), delete this block.
 void register_bitmap_linear(pybind11::module_& m) __attribute__((weak));
 void register_compacted_linear(pybind11::module_& m) __attribute__((weak));
+void register_shared_bitmask_linear(pybind11::module_& m) __attribute__((weak));
 void register_induce_neurons(pybind11::module_& m) __attribute__((weak));
 void register_topk_mask(pybind11::module_& m) __attribute__((weak));
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "persona_kernels C++/OpenMP CPU kernels";
   register_accumulate_stats(m);
-  for (auto reg : {register_bitmap_linear, register_compacted_linear, register_induce_neurons, register_topk_mask})
+  for (auto reg : {register_bitmap_linear, register_compacted_linear, register_shared_bitmask_linear, register_induce_neurons, register_topk_mask})
     if (reg != nullptr) reg(m);
 }

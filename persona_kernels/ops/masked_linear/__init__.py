@@ -154,7 +154,7 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
     x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
     prow = _persona_rows(weight, persona, x)
     if backend == "auto":
-        name = choose(weight, x2)
+        name = choose(weight, x2, mixed=prow is not None and isinstance(persona, torch.Tensor))
     elif backend == "torch":  # kernels made of plain PyTorch ops (not the oracle), e.g. compacted GEMM
         name = backend
     else:

@@ -1,6 +1,7 @@
-"""C++/OpenMP CPU kernels for the bitmap and compacted formats (csrc/cpu/bitmap_linear.cpp,
-csrc/cpu/compacted_linear.cpp). Both stream the weight once per pass and reuse it for up to 8
-rows of x; the dispatcher sends larger batches to dense / vendor GEMMs (crossover.json).
+"""C++/OpenMP CPU kernels for the bitmap, compacted and shared-bitmask formats
+(csrc/cpu/{bitmap,compacted,shared_bitmask}_linear.cpp). Each streams the weight once per pass
+and reuses it for up to 8 rows of x; the dispatcher sends larger batches to dense / vendor
+GEMMs (crossover.json).
 """
 from __future__ import annotations
 
@@ -38,4 +39,14 @@ if has_kernel("compacted_linear"):
         y = new_output(x2.shape[0], fmt.shape[0], x2.dtype, x2.device)
         _native.require("cpu").compacted_linear(x2.contiguous(), fmt.weight, fmt.index, fmt.axis == "in",
                                                 _bias_f32(bias), y)
+        return y
+
+
+if has_kernel("shared_bitmask_linear"):
+
+    @register_kernel("shared_bitmask", "cpp")
+    def shared_bitmask_linear_cpu(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
+        y = new_output(x2.shape[0], fmt.shape[0], x2.dtype, x2.device)
+        _native.require("cpu").shared_bitmask_linear(x2.contiguous(), fmt.weight, fmt.bits,
+                                                     persona_rows.contiguous(), _bias_f32(bias), y)
         return y
