@@ -86,16 +86,29 @@ class MaskedLinear(nn.Module):
         self.base = base
         self.out_features, self.in_features = linear_shape(base)
         self._handle, self._fmt, self._kind, self._backend = handle, fmt, kind, backend
+        self._maybe_cached: set = set()  # per-persona formats whose dense cache may be alive
         self._bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self._kind}, "
                 f"personas={len(self._handle.personas)}")
 
-    def _one(self, x2: torch.Tensor, p: int) -> torch.Tensor:
-        """Masked output of persona ``p`` for a per-persona format list (no bias)."""
+    def _one(self, x2: torch.Tensor, p: int, exclusive: bool = True) -> torch.Tensor:
+        """Masked output of persona ``p`` for a per-persona format list (no bias).
+
+        A large batch makes the dispatcher cache persona p's dense masked weight. ``exclusive``
+        (one persona per batch) frees the other personas' copies first, so a layer holds one
+        such copy, not one per persona ever used; a mixed batch keeps those of its personas.
+        """
         f = self._fmt[p]
-        return torch.nn.functional.linear(x2, f) if isinstance(f, torch.Tensor) else masked_linear(x2, f, backend=self._backend)
+        if isinstance(f, torch.Tensor):
+            return torch.nn.functional.linear(x2, f)
+        if exclusive and self._maybe_cached - {p}:
+            for q in self._maybe_cached - {p}:
+                self._fmt[q].drop_dense_cache()
+            self._maybe_cached &= {p}
+        self._maybe_cached.add(p)
+        return masked_linear(x2, f, backend=self._backend)
 
     def _masked(self, x2: torch.Tensor, persona) -> torch.Tensor:
         """x2 [N, in]; persona an int (one persona, the decode hot path: no per-call index work)
@@ -107,7 +120,7 @@ class MaskedLinear(nn.Module):
         out = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
         for p in persona.unique().tolist():
             sel = persona == p
-            out[sel] = self._one(x2[sel], p)
+            out[sel] = self._one(x2[sel], p, exclusive=False)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -321,3 +321,26 @@ def test_npti_fuses_only_activations_it_reproduces():
     assert pm.fusable_activation(torch.nn.GELU(approximate="tanh")) == "gelu_tanh"
     assert pm.fusable_activation(torch.nn.GELU()) is None
     assert pm.fusable_activation(SiLU()) is None
+
+
+def test_large_batches_keep_one_dense_copy_per_layer():
+    """Prefill-sized batches go through a cached dense weight; switching persona frees the
+    previous persona's copy instead of keeping one per persona ever used."""
+    model, tok, calib, store = _setup("llama")
+    pm.apply(model, store, persona="extravert", format="bitmap")
+    layer = next(m for m in model.modules() if isinstance(m, pm.MaskedLinear))
+    x = torch.randn(64, layer.in_features)  # above every crossover: the dense path
+
+    def cached():
+        return [p for p, f in enumerate(layer._fmt) if getattr(f.values, "_pk_dense_cache", None) is not None]
+
+    with torch.no_grad():
+        layer(x)
+        assert cached() == [0]
+        pm.set_persona(model, "introvert")
+        got = layer(x)
+        assert cached() == [1]
+    mask = store.mask("introvert", next(n for n, m in model.named_modules() if m is layer))
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.base.weight * mask, layer.base.bias),
+                               rtol=1e-5, atol=1e-5)
+    pm.remove(model)

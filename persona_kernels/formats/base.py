@@ -8,6 +8,7 @@ input dimension, LSB first: bit j of word w of a row is column 32 * w + j.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -16,21 +17,28 @@ from ..io import load_artifact, save_artifact
 
 WORD = 32
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SHIFTS = torch.arange(WORD, dtype=torch.int64)
+
+
+# Bytes of the int32 words are handled as uint8 (4x less traffic than int64 shifts); byte k of
+# a word holds bits 8k..8k+7, which is the word layout on little-endian machines.
+assert sys.byteorder == "little", "persona_kernels' bit packing assumes a little-endian machine"
+_BYTE_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def pack_words(mask: torch.Tensor) -> torch.Tensor:
     """bool [..., n] -> int32 [..., ceil(n / 32)], LSB first."""
     n = mask.shape[-1]
     pad = (-n) % WORD
-    m = torch.nn.functional.pad(mask.to(torch.int64), (0, pad)) if pad else mask.to(torch.int64)
-    words = (m.view(*mask.shape[:-1], -1, WORD) << _SHIFTS.to(m.device)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    m = mask.to(torch.uint8)
+    if pad:
+        m = torch.nn.functional.pad(m, (0, pad))
+    packed = (m.view(*mask.shape[:-1], -1, 8) << _BYTE_SHIFTS.to(m.device)).sum(-1, dtype=torch.uint8)
+    return packed.view(torch.int32)
 
 
 def unpack_words(words: torch.Tensor, n: int) -> torch.Tensor:
     """int32 [..., ceil(n / 32)] -> bool [..., n]."""
-    bits = (words.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 1
+    bits = (words.contiguous().view(torch.uint8).unsqueeze(-1) >> _BYTE_SHIFTS.to(words.device)) & 1
     return bits.view(*words.shape[:-1], -1)[..., :n].to(torch.bool)
 
 
@@ -72,15 +80,23 @@ class WeightFormat:
         """
         if not self.cache_dense:
             return self.to_dense(persona)
-        try:
-            holder = self.op_args()[0][0]
-        except NotImplementedError:
-            holder = self
+        holder = self._cache_holder()
         cached = getattr(holder, "_pk_dense_cache", None)
         if cached is None or cached[0] != persona:
+            holder._pk_dense_cache = None  # free the old copy before building the new one
             cached = (persona, self.to_dense(persona))
             holder._pk_dense_cache = cached
         return cached[1]
+
+    def drop_dense_cache(self) -> None:
+        """Free the cached dense weight (dense_for builds it again when needed)."""
+        self._cache_holder()._pk_dense_cache = None
+
+    def _cache_holder(self):
+        try:
+            return self.op_args()[0][0]
+        except NotImplementedError:  # formats that cannot cross the op keep it themselves
+            return self
 
     # The torch.library op (ops/masked_linear/library.py) takes tensors and ints only.
     def op_args(self) -> tuple[list, list]:

@@ -51,8 +51,7 @@ class BitmapWeight(WeightFormat):
 
     def to_dense(self, persona: Optional[int] = None) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=self.dtype, device=self.values.device)
-        out[self.mask()] = self.values[: self.nnz]
-        return out
+        return out.masked_scatter_(self.mask(), self.values[: self.nnz])  # row-major, like the packing
 
     def state(self):
         return {"values": self.values, "bitmap": self.bitmap, "row_ptr": self.row_ptr}, {"shape": list(self.shape)}
