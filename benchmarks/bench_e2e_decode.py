@@ -3,7 +3,8 @@
 Real layer shapes (hidden 4096, MLP 14336, 32 heads / 8 KV heads), random weights, as many
 decoder layers as asked for (--layers; memory decides), a 32k vocabulary. For each sparsity:
 tokens/s at batch 1 with the dispatcher's choice, the speed-up over dense measured in the same
-run, the cost of one persona switch per layer, and the memory of N resident personas in the
+run, the cost of one persona switch per layer, a batch whose sequences carry different personas
+(shared bitmask, against dense at the same batch), and the memory of N resident personas in the
 shared-bitmask format as a fraction of the dense weight bytes.
 
   python benchmarks/bench_e2e_decode.py --layers 2 --tokens 128
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, print_table  # noqa: E402
 
-from persona_kernels.bench import bench_model, magnitude_masks  # noqa: E402
+from persona_kernels.bench import bench_mixed_batch, bench_model, magnitude_masks  # noqa: E402
 from persona_kernels.formats import SharedBitmask  # noqa: E402
 from persona_kernels.masks import linear_weight  # noqa: E402
 
@@ -62,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--personas", type=int, default=8, help="resident personas for the memory figure")
+    ap.add_argument("--mixed-batch", type=int, default=4,
+                    help="also time a batch of this many sequences with mixed personas (0: skip)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
@@ -73,6 +76,10 @@ def main(argv=None):
                   speedup=f"{r['speedup']:.2f}", switch_us_per_layer=f"{r.get('switch_ms_per_layer', 0) * 1e3:.2f}")
              for r in rows]
     print_table(table, ["sparsity", "format", "tokens_per_s", "speedup", "switch_us_per_layer"])
+    if args.mixed_batch:
+        mixed = bench_mixed_batch(model, float(args.sparsities.split(",")[0]), args.mixed_batch,
+                                  tokens=tokens, device=args.device)
+        rows.append(mixed)
     frac = shared_bitmask_memory(model, args.personas)
     print(f"\n{args.personas} resident personas (shared bitmask): {frac:.4f} of the dense weight bytes "
           f"(bound N/16 = {args.personas / 16:.4f} for bf16, N/32 = {args.personas / 32:.4f} for fp32)")

@@ -86,6 +86,24 @@ def bench_model(model: nn.Module, sparsities: Sequence[float], tokens: int = 32,
     return rows
 
 
+def bench_mixed_batch(model: nn.Module, sparsity: float, batch: int, personas: int = 4, tokens: int = 32,
+                      device="cpu", log=print) -> dict:
+    """Decode tokens/s of a batch whose sequences carry different personas (shared bitmask, one
+    persona per sequence), against the dense model at the same batch size, in the same run."""
+    dense = decode_tokens_per_s(model, tokens, batch, device=device)
+    store = magnitude_masks(model, sparsity, personas=[f"p{i}" for i in range(personas)])
+    pm.apply(model, store, format="shared_bitmask")
+    try:
+        pm.set_batch_personas(model, [store.personas[i % personas] for i in range(batch)])
+        tps = decode_tokens_per_s(model, tokens, batch, device=device)
+    finally:
+        pm.remove(model)
+    log(f"mixed batch of {batch} ({personas} personas, {sparsity:.0%}, shared bitmask): {tps:.1f} tok/s, "
+        f"dense {dense:.1f} tok/s ({tps / dense:.2f}x)")
+    return dict(sparsity=sparsity, format=f"shared_bitmask, {personas} personas mixed", batch=batch,
+                tokens_per_s=tps, speedup=tps / dense, dense_tokens_per_s=dense)
+
+
 def run_decode_bench(model_spec: str, sparsities: Sequence[float], tokens: int = 32, device="cpu",
                      out: Optional[str] = None) -> list[dict]:
     from .cli import load_model
