@@ -108,5 +108,7 @@ def run_decode_bench(model_spec: str, sparsities: Sequence[float], tokens: int =
                      out: Optional[str] = None) -> list[dict]:
     from .cli import load_model
 
+    from .cli import input_device
+
     model, _ = load_model(model_spec, "float32", device)
-    return bench_model(model, sparsities, tokens, device=device)
+    return bench_model(model, sparsities, tokens, device=input_device(model))

@@ -13,7 +13,12 @@ BUILTIN = "builtin"
 # ---- shared loading ---------------------------------------------------------------------------
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
-    """'builtin' (the package's trained persona model), a local HF model directory, or a hub id."""
+    """'builtin' (the package's trained persona model), a local HF model directory, or a hub id.
+
+    ``device='auto'`` splits a HF model over the visible GPUs with ``device_map='auto'`` (needs
+    accelerate; the persona layer builds each layer's format on that layer's device); the
+    built-in model goes to the GPU if there is one. Inputs go to ``input_device(model)``.
+    """
     import torch
 
     dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -21,16 +26,31 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
         from .builtin import load_builtin_model
 
         model, tok = load_builtin_model(dt)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         return model.to(device), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    split = {}
+    if device == "auto":
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ValueError("--device auto splits the model with a device_map, which needs accelerate: "
+                             "pip install 'persona-kernels[device-map]'") from None
+        split = {"device_map": "auto"}
     try:
         tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt, **split)
     except OSError as exc:
         raise ValueError(f"cannot load model {spec!r}: not a local model directory, and the hub is not reachable "
                          f"or has no such model ({exc.__class__.__name__})") from None
-    return model.to(device).eval(), tok
+    return (model if split else model.to(device)).eval(), tok
+
+
+def input_device(model):
+    """Where a model's inputs go: the device of its first parameter (the embeddings)."""
+    return next(model.parameters()).device
 
 
 def load_texts(args) -> dict:
@@ -160,7 +180,7 @@ def cmd_generate(args) -> int:
     model, tok = _persona_model(args)
     prompts = args.prompt or ["Question: What do you do on a Friday night?\nAnswer:"]
     for p in prompts:
-        enc = tok(p, return_tensors="pt").to(args.device)
+        enc = tok(p, return_tensors="pt").to(input_device(model))
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
@@ -206,7 +226,8 @@ def _common(p, data=False, persona=False):
     p.add_argument("--model", default=BUILTIN, help="'builtin' (default), a local HF model directory, or a hub id")
     p.add_argument("--out", default="out", help="artifact directory (default: out)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:1, ..., or auto (split over the GPUs with a device_map; needs accelerate)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if data:
         g = p.add_argument_group("data (one of)")

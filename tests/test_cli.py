@@ -67,6 +67,21 @@ def test_wrong_model_for_artifact(model_dir, texts, tmp_path, capsys):
     assert "different model" in capsys.readouterr().err
 
 
+def test_device_auto_loads_with_a_device_map(model_dir, texts, tmp_path, capsys):
+    """--device auto: the model is loaded by accelerate with device_map='auto' (here all on the
+    CPU) and the persona layer runs on it."""
+    pytest.importorskip("accelerate")
+    out = str(tmp_path / "out")
+    common = ["--model", model_dir, "--out", out, "--quiet", "--device", "auto"]
+    data = ["--texts", f"extravert={texts / 'e.txt'}", "--texts", f"introvert={texts / 'i.txt'}"]
+    assert main(["calibrate", *common, *data, "--batch-size", "2"]) == 0
+    assert main(["masks", *common, "--sparsity", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["generate", *common, "--masks", f"{out}/masks-wanda.safetensors", "--persona", "introvert",
+                 "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+    assert "--- 'Hi'" in capsys.readouterr().out
+
+
 def test_missing_model_dir(capsys):
     assert main(["calibrate", "--model", "/no/such/model-dir"]) == 2
     assert "cannot load model" in capsys.readouterr().err
