@@ -90,20 +90,6 @@ void row_avx512(const scalar_t* vals, const int32_t* words, int64_t nwords, cons
   if (w < nwords) row_scalar<scalar_t>(vals, words + w, nwords - w, x + w * 32, ldx, NBT, acc);
 }
 
-template <typename scalar_t>
-void row_vector(const scalar_t* vals, const int32_t* words, int64_t nwords, const float* x, int64_t ldx,
-                int64_t in_f, int nb, float* acc) {
-  switch (nb) {
-    case 1: return row_avx512<scalar_t, 1>(vals, words, nwords, x, ldx, in_f, acc);
-    case 2: return row_avx512<scalar_t, 2>(vals, words, nwords, x, ldx, in_f, acc);
-    case 3: return row_avx512<scalar_t, 3>(vals, words, nwords, x, ldx, in_f, acc);
-    case 4: return row_avx512<scalar_t, 4>(vals, words, nwords, x, ldx, in_f, acc);
-    case 5: return row_avx512<scalar_t, 5>(vals, words, nwords, x, ldx, in_f, acc);
-    case 6: return row_avx512<scalar_t, 6>(vals, words, nwords, x, ldx, in_f, acc);
-    case 7: return row_avx512<scalar_t, 7>(vals, words, nwords, x, ldx, in_f, acc);
-    default: return row_avx512<scalar_t, 8>(vals, words, nwords, x, ldx, in_f, acc);
-  }
-}
 #endif
 
 template <typename scalar_t>
@@ -119,7 +105,9 @@ void bitmap_rows(const scalar_t* values, const int32_t* bitmap, const int64_t* r
       const int32_t* words = bitmap + o * nwords;
       const float* xb = x + n0 * ldx;
 #if defined(__AVX512F__)
-      row_vector<scalar_t>(vals, words, nwords, xb, ldx, in_f, nb, acc);
+      pk::with_row_count(nb, [&](auto nbt) {
+        row_avx512<scalar_t, decltype(nbt)::value>(vals, words, nwords, xb, ldx, in_f, acc);
+      });
 #else
       row_scalar<scalar_t>(vals, words, nwords, xb, ldx, nb, acc);
 #endif

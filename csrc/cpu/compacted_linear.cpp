@@ -44,20 +44,6 @@ void dot_rows(const scalar_t* w, int64_t len, const float* x, int64_t ldx, float
   }
 }
 
-template <typename scalar_t>
-void dot_rows_any(const scalar_t* w, int64_t len, const float* x, int64_t ldx, int nb, float* acc) {
-  switch (nb) {
-    case 1: return dot_rows<scalar_t, 1>(w, len, x, ldx, acc);
-    case 2: return dot_rows<scalar_t, 2>(w, len, x, ldx, acc);
-    case 3: return dot_rows<scalar_t, 3>(w, len, x, ldx, acc);
-    case 4: return dot_rows<scalar_t, 4>(w, len, x, ldx, acc);
-    case 5: return dot_rows<scalar_t, 5>(w, len, x, ldx, acc);
-    case 6: return dot_rows<scalar_t, 6>(w, len, x, ldx, acc);
-    case 7: return dot_rows<scalar_t, 7>(w, len, x, ldx, acc);
-    default: return dot_rows<scalar_t, 8>(w, len, x, ldx, acc);
-  }
-}
-
 // y[n, out_col(r)] = W[r] . xs[n] + bias[out_col(r)] for every compact row r.
 template <typename scalar_t>
 void compact_rows(const scalar_t* w, int64_t rows, int64_t len, const float* xs, int64_t batch,
@@ -69,7 +55,9 @@ void compact_rows(const scalar_t* w, int64_t rows, int64_t len, const float* xs,
     for (int64_t n0 = 0; n0 < batch; n0 += NB) {
       const int nb = static_cast<int>(std::min<int64_t>(NB, batch - n0));
       float acc[NB] = {0};
-      dot_rows_any<scalar_t>(w + r * len, len, xs + n0 * len, len, nb, acc);
+      pk::with_row_count(nb, [&](auto nbt) {
+        dot_rows<scalar_t, decltype(nbt)::value>(w + r * len, len, xs + n0 * len, len, acc);
+      });
       for (int n = 0; n < nb; ++n) y[(n0 + n) * ldy + o] = static_cast<scalar_t>(acc[n] + b);
     }
   }

@@ -43,21 +43,6 @@ void masked_row(const scalar_t* w, const int32_t* const* words, int64_t in_f, co
 }
 
 template <typename scalar_t>
-void masked_row_any(const scalar_t* w, const int32_t* const* words, int64_t in_f, const float* x, int64_t ldx, int nb,
-                    float* acc) {
-  switch (nb) {
-    case 1: return masked_row<scalar_t, 1>(w, words, in_f, x, ldx, acc);
-    case 2: return masked_row<scalar_t, 2>(w, words, in_f, x, ldx, acc);
-    case 3: return masked_row<scalar_t, 3>(w, words, in_f, x, ldx, acc);
-    case 4: return masked_row<scalar_t, 4>(w, words, in_f, x, ldx, acc);
-    case 5: return masked_row<scalar_t, 5>(w, words, in_f, x, ldx, acc);
-    case 6: return masked_row<scalar_t, 6>(w, words, in_f, x, ldx, acc);
-    case 7: return masked_row<scalar_t, 7>(w, words, in_f, x, ldx, acc);
-    default: return masked_row<scalar_t, 8>(w, words, in_f, x, ldx, acc);
-  }
-}
-
-template <typename scalar_t>
 void shared_rows(const scalar_t* weight, const int32_t* bits, const int64_t* persona, const float* x, int64_t batch,
                  int64_t out_f, int64_t in_f, const float* bias, scalar_t* y) {
   const int64_t nwords = (in_f + 31) / 32;
@@ -70,7 +55,9 @@ void shared_rows(const scalar_t* weight, const int32_t* bits, const int64_t* per
       const int32_t* words[NB];
       for (int n = 0; n < nb; ++n) words[n] = bits + persona[n0 + n] * persona_stride + o * nwords;
       float acc[NB] = {0};
-      masked_row_any<scalar_t>(weight + o * in_f, words, in_f, x + n0 * in_f, in_f, nb, acc);
+      pk::with_row_count(nb, [&](auto nbt) {
+        masked_row<scalar_t, decltype(nbt)::value>(weight + o * in_f, words, in_f, x + n0 * in_f, in_f, acc);
+      });
       for (int n = 0; n < nb; ++n) y[(n0 + n) * out_f + o] = static_cast<scalar_t>(acc[n] + b);
     }
   }

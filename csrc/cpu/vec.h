@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -15,6 +16,22 @@ namespace pk {
 inline float to_float(float v) { return v; }
 inline float to_float(at::Half v) { return static_cast<float>(v); }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// Kernels that keep one accumulator per row of x in registers need the row count (1..8) at
+// compile time: this calls f(std::integral_constant<int, nb>{}).
+template <typename F>
+inline void with_row_count(int nb, F&& f) {
+  switch (nb) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
 
 #if defined(__AVX512F__)
 // 16 half-precision values already in a register -> float32 (the pointer only picks the type).

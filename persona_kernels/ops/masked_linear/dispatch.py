@@ -8,7 +8,7 @@ at batch 1..4 when one exists, dense otherwise. Above the crossover, compacted a
 run their 'torch' kernel (a GEMM on the compact / sparse weight), the others a dense GEMM on the
 cached masked weight.
 
-The route per (format kind, device) is worked out once and cached: the decode hot path pays a
+The route per (format kind, device, dtype) is worked out once and cached: the decode hot path pays a
 dict lookup, not a table walk.
 """
 from __future__ import annotations
