@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.persona-kernels-installed
 NATIVE_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench cuda-check env clean
+.PHONY: install test lint demo bench cuda-check env clean
 
 install: $(STAMP)
 
@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	touch $(STAMP)
 
 # TRITON_INTERPRET=1 runs the Triton kernels on the CPU (tests/conftest.py sets it too).
-test: install
+test: install lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check persona_kernels tests benchmarks
 
 demo: install
 	$(PY) -m persona_kernels demo

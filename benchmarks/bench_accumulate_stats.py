@@ -18,10 +18,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, machine, print_table, save_bar_plot, time_fn  # noqa: E402
-
 import persona_kernels as pk  # noqa: E402
 from persona_kernels import backends  # noqa: E402
+
+from common import copy_bandwidth, machine, print_table, save_bar_plot, time_fn  # noqa: E402
 
 
 def eager_stats(x: torch.Tensor, valid: torch.Tensor | None = None):
@@ -52,7 +52,8 @@ def bench_op(shapes, dtypes, device, backend_names, histogram=False):
                 cfg = pk.StatsConfig(histogram=histogram)
                 state = pk.StatsState.empty(c, cfg, device=device)
                 t = time_fn(lambda: pk.accumulate_stats(x, state, backend=name), device)
-                rows.append(dict(shape=f"{n}x{c}", dtype=str(dtype).split(".")[-1], backend=f"fused {name}" + (" +hist" if histogram else ""),
+                rows.append(dict(shape=f"{n}x{c}", dtype=str(dtype).split(".")[-1],
+                                 backend=f"fused {name}" + (" +hist" if histogram else ""),
                                  ms=f"{t * 1e3:.2f}", speedup=f"{t_eager / t:.2f}", GBps=f"{nbytes / t / 1e9:.1f}",
                                  of_copy_bw=f"{nbytes / t / copy_bw:.0%}"))
     return rows, copy_bw
@@ -60,8 +61,8 @@ def bench_op(shapes, dtypes, device, backend_names, histogram=False):
 
 def bench_calibration_overhead(device, quick: bool):
     from persona_kernels.calibrate import CalibrationConfig, _Collector
-    from persona_kernels.models import tiny_causal_lm
     from persona_kernels.sites import discover_sites
+    from persona_kernels.testing import tiny_causal_lm
 
     size = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2) if quick else \
         dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)

@@ -19,11 +19,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, print_table  # noqa: E402
-
-from persona_kernels.bench import bench_mixed_batch, bench_model, magnitude_masks  # noqa: E402
+from persona_kernels.app.bench import bench_mixed_batch, bench_model, magnitude_masks  # noqa: E402
 from persona_kernels.formats import SharedBitmask  # noqa: E402
 from persona_kernels.masks import linear_weight  # noqa: E402
+
+from common import machine, print_table  # noqa: E402
 
 
 def llama3_8b_shaped(layers: int, dtype, device, quick=False):

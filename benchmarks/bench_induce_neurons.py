@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, machine, print_table, time_fn  # noqa: E402
-
 from persona_kernels import backends  # noqa: E402
 from persona_kernels.ops.induce_neurons import induce_neurons, induce_neurons_reference  # noqa: E402
+
+from common import copy_bandwidth, machine, print_table, time_fn  # noqa: E402
 
 
 def main(argv=None):

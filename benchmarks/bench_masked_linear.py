@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, print_table, save_bar_plot, time_fn  # noqa: E402
-
 from persona_kernels.formats import BitmapWeight, CompactedWeight, SharedBitmask  # noqa: E402
 from persona_kernels.masks.methods import select  # noqa: E402
-from persona_kernels.ops.masked_linear import available_backends, masked_linear  # noqa: E402
-from persona_kernels.ops.masked_linear import dispatch  # noqa: E402
+from persona_kernels.ops.masked_linear import (  # noqa: E402
+    available_backends,
+    dispatch,  # noqa: E402
+    masked_linear,
+)
+
+from common import machine, print_table, save_bar_plot, time_fn  # noqa: E402
 
 LLAMA3_8B = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]  # [out, in]: up/gate, down, q/o, k/v
 

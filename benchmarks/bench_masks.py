@@ -11,9 +11,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, print_table, time_fn  # noqa: E402
-
 from persona_kernels.masks import contrastive_sparse_masks, contrastive_wanda_masks, wanda_mask  # noqa: E402
+
+from common import machine, print_table, time_fn  # noqa: E402
 
 
 def main(argv=None):

@@ -1,11 +1,10 @@
 """pytest-benchmark suite: `pytest benchmarks/` (not part of `make test`)."""
 import pytest
 import torch
+from bench_accumulate_stats import eager_stats
 
 import persona_kernels as pk
 from persona_kernels import backends
-
-from bench_accumulate_stats import eager_stats
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = (16384, 4096)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from bench_masked_linear import make_formats
+
 from persona_kernels.ops.masked_linear import available_backends, masked_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,10 +1,11 @@
 """persona-kernels: fast kernels for persona subnetworks in transformers LLMs."""
-from ._version import __version__
 from ._native import BackendUnavailable
+from ._version import __version__
 from .calibrate import CalibrationConfig, CalibrationResult, calibrate
 from .masks import MaskConfig, MaskStore, build_masks
 from .model import apply, apply_neurons, is_applied, persona, remove, set_batch_personas, set_gamma, set_persona
 from .npti import NeuronSet, identify_neurons
+from .ops import library as _library  # noqa: F401,E402 (registers torch.ops.persona_kernels.*)
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
 from .ops.induce_neurons import induce_neurons
 from .ops.masked_linear import masked_linear

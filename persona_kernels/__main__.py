@@ -1,7 +1,7 @@
-"""`python -m persona_kernels <command>`: see persona_kernels/cli.py."""
+"""`python -m persona_kernels <command>`: see persona_kernels/app/cli.py."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Which backends exist on this machine, and the names users pass as ``backend=``."""
+"""Which backends can run on this machine, and why one cannot (kernels are listed in ops/registry.py)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import torch
 from . import _native
 from ._native import BackendUnavailable  # noqa: F401  (re-exported for ops)
 
-BACKENDS = ("reference", "triton", "cpp", "cuda")
+BACKENDS = ("reference", "triton", "cpp", "cuda")  # the backends with their own runtime; 'torch' always runs
 
 
 def triton_interpreter() -> bool:
@@ -45,25 +45,6 @@ def available(backend: str, device: torch.device) -> bool:
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
 
 
-def resolve(backend: str, device: torch.device, preference: tuple[str, ...]) -> str:
-    """Pick a backend: an explicit name must be runnable; 'auto' takes the first available.
-
-    The environment variable PERSONA_KERNELS_BACKEND replaces 'auto' for every op.
-    """
-    if backend == "auto":
-        backend = os.environ.get("PERSONA_KERNELS_BACKEND", "auto")
-    if backend == "auto":
-        for name in preference:
-            if available(name, device):
-                return name
-        return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
-    if not available(backend, device):
-        raise _native.BackendUnavailable(f"backend {backend!r} cannot run on {device}: {describe(backend, device)}")
-    return backend
-
-
 def describe(backend: str, device: torch.device | None = None) -> str:
     if backend == "reference":
         return "available (plain PyTorch)"
@@ -72,7 +53,9 @@ def describe(backend: str, device: torch.device | None = None) -> str:
             return "triton is not installed"
         if triton_interpreter():
             return "interpreter (TRITON_INTERPRET=1): CPU tensors, slow, for testing"
-        return "compiled, CUDA devices" if torch.cuda.is_available() else "installed, but no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
+        if torch.cuda.is_available():
+            return "compiled, CUDA devices"
+        return "installed, but no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
     if backend == "cpp":
         return _native.why_missing("cpu")
     if backend == "cuda":
@@ -86,7 +69,8 @@ def describe(backend: str, device: torch.device | None = None) -> str:
 def report() -> str:
     import platform
 
-    lines = [f"python        {platform.python_version()} ({platform.machine()})", f"torch         {torch.__version__} (cuda {torch.version.cuda})"]
+    lines = [f"python        {platform.python_version()} ({platform.machine()})",
+             f"torch         {torch.__version__} (cuda {torch.version.cuda})"]
     for mod in ("triton", "transformers", "numpy", "safetensors"):
         try:
             lines.append(f"{mod:<13} {__import__(mod).__version__}")
@@ -98,8 +82,11 @@ def report() -> str:
         lines.append("device        no CUDA device")
     lines.append("backends:")
     lines.append(f"  reference          {describe('reference')}")
-    lines.append(f"  triton (compiled)  {'available' if triton_importable() and torch.cuda.is_available() else 'unavailable: ' + ('no CUDA device' if triton_importable() else 'triton missing')}")
-    lines.append(f"  triton (interp.)   {'available' if triton_importable() else 'unavailable: triton missing'}{' [active: TRITON_INTERPRET=1]' if triton_interpreter() else ''}")
+    compiled = "available" if triton_importable() and torch.cuda.is_available() else \
+        "unavailable: " + ("no CUDA device" if triton_importable() else "triton missing")
+    interp = "available" if triton_importable() else "unavailable: triton missing"
+    lines.append(f"  triton (compiled)  {compiled}")
+    lines.append(f"  triton (interp.)   {interp}{' [active: TRITON_INTERPRET=1]' if triton_interpreter() else ''}")
     lines.append(f"  cpp (CPU, OpenMP)  {describe('cpp')}")
     lines.append(f"  cuda               {describe('cuda')}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .fingerprint import architecture, check_fingerprint, model_fingerprint
-from .io import save_artifact, load_artifact
+from .io import load_artifact, save_artifact
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
 from .sites import Site, check_supported, discover_sites
 from .stats import StatsConfig, StatsState
@@ -92,7 +92,8 @@ class CalibrationResult:
 
     def summary(self) -> str:
         first = next(iter(self.stats.values()))
-        lines = [f"{len(self.sites)} sites on {self.architecture} ({sum(s.kind == 'act' for s in self.sites.values())} MLP activation sites)"]
+        acts = sum(s.kind == 'act' for s in self.sites.values())
+        lines = [f"{len(self.sites)} sites on {self.architecture} ({acts} MLP activation sites)"]
         for i, p in enumerate(self.personas):
             lines.append(f"  persona {p!r}: {int(first.samples[i])} samples, {int(first.count[i])} tokens")
         return "\n".join(lines)

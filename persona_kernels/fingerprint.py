@@ -6,25 +6,11 @@ import json
 
 import torch.nn as nn
 
-try:  # GPT-2 style models use transformers' Conv1D (weight stored [in, out])
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers is a dependency, but keep import-light
-    Conv1D = ()
+from .hf import linear_shape
 
 
 class FingerprintMismatch(ValueError):
     """An artifact was made for a different model than the one it is used with."""
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(out_features, in_features) of an nn.Linear or Conv1D (or a persona wrapper of one), else None."""
-    if getattr(module, "_pk_wrapper", False):
-        module = module.base
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if Conv1D and isinstance(module, Conv1D):
-        return module.weight.shape[1], module.weight.shape[0]
-    return None
 
 
 def architecture(model: nn.Module) -> str:

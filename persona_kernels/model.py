@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .fingerprint import Conv1D, check_fingerprint, linear_shape
+from .fingerprint import check_fingerprint
 from .formats import BitmapWeight, BlockSparseWeight, CompactedWeight, SharedBitmask
+from .hf import LayerFilter, activation_attr, check_supported, gated_mlps, intermediate_size, linear_shape, linear_weight, set_module
 from .masks.store import MaskStore
-from .npti import NeuronSet, induction_vectors
+from .npti import NeuronSet, induction_add, induction_plan
 from .ops.induce_neurons import ACTIVATIONS, induce_neurons
 from .ops.masked_linear import masked_linear
-from .sites import activation_attr, check_supported, gated_mlps
 
 FORMATS = ("auto", "bitmap", "shared_bitmask", "compacted", "block", "dense")
 _ATTR = "_persona_kernels"
@@ -140,7 +140,7 @@ class MaskedLinear(nn.Module):
         y = self._masked(x2, persona)
         if h.gamma:
             # soft gate G = M + gamma (1 - M): x (W*G)^T = (1 - gamma) x (W*M)^T + gamma x W^T
-            dense = torch.nn.functional.linear(x2, self.base.weight.t() if isinstance(self.base, Conv1D) else self.base.weight)
+            dense = torch.nn.functional.linear(x2, linear_weight(self.base))
             y = (1 - h.gamma) * y + h.gamma * dense
         if self._bias is not None:
             y = y + self._bias
@@ -166,39 +166,39 @@ def fusable_activation(act: nn.Module) -> Optional[str]:
 
 class InducedActivation(nn.Module):
     """The MLP's act_fn with NPTI induction fused in: one induce_neurons pass computes
-    act(gate) and the edit together (activations it cannot fuse run first, then the edit)."""
+    act(gate) and the edit together (activations it cannot fuse run first, then the edit).
+
+    The fixed part of the edit (deactivated neurons, pushes) is built once; each step draws
+    which target neurons are kept. Under torch.compile the draw uses the global RNG (seed it
+    with torch.manual_seed), since a torch.Generator cannot be traced.
+    """
 
     _pk_wrapper = True
 
     def __init__(self, base: nn.Module, target: NeuronSet, opposite: Optional[NeuronSet], site: str, neurons: int,
-                 strength: float, keep_prob: float, generator: torch.Generator, backend: str):
+                 strength: float, keep_prob: float, generator: torch.Generator, backend: str, device="cpu"):
         super().__init__()
         self.base = base
-        self._args = (target, opposite, site, neurons, strength, keep_prob)
+        self._deactivate, self._index, self._push = induction_plan(target, opposite, site, neurons, strength, device)
+        self._neurons, self._keep_prob, self._strength, self._aspect = neurons, keep_prob, strength, target.aspect
         self._generator, self._backend = generator, backend
         self.fused = fusable_activation(base)
         self.enabled = True
 
     def extra_repr(self) -> str:
-        target, opposite, site, neurons, strength, keep_prob = self._args
-        n = len(target.at(site)[0])
-        return (f"npti target={target.aspect!r}, pushed={n}/{neurons}, strength={strength}, keep_prob={keep_prob}, "
-                f"fused={self.fused or 'no'}")
+        return (f"npti target={self._aspect!r}, pushed={self._index.numel()}/{self._neurons}, strength={self._strength}, "
+                f"keep_prob={self._keep_prob}, fused={self.fused or 'no'}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        target, opposite, site, neurons, strength, keep_prob = self._args
-        deact, add = induction_vectors(target, opposite, site, neurons, strength, keep_prob, self._generator, x.device)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._push.device != x.device:  # e.g. a layer moved after apply_neurons
+            self._deactivate, self._index, self._push = (t.to(x.device) for t in (self._deactivate, self._index, self._push))
+        add = induction_add(self._index, self._push, self._neurons, self._keep_prob, None if compiling else self._generator)
         if self.fused:
-            return induce_neurons(x, deact, add, backend=self._backend, act=self.fused)
-        return induce_neurons(self.base(x), deact, add, backend=self._backend)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+            return induce_neurons(x, self._deactivate, add, backend=self._backend, act=self.fused)
+        return induce_neurons(self.base(x), self._deactivate, add, backend=self._backend)
 
 
 def _resolve_format(fmt: str) -> str:
@@ -209,12 +209,14 @@ def _resolve_format(fmt: str) -> str:
 
 def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, format: str = "auto",
           backend: str = "auto", layers: Optional[Sequence[str]] = None, gamma: float = 0.0,
-          block: tuple = (16, 16)) -> PersonaHandle:
+          block: tuple = (16, 16), filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> PersonaHandle:
     """Swap every masked linear layer of ``model`` (or the named ``layers``) for a MaskedLinear.
 
     ``persona``: the active persona (None: the original dense model until set_persona).
     ``format``: 'auto' (bitmap), 'bitmap', 'shared_bitmask', 'compacted', 'block' or 'dense'.
     ``gamma``: soft gate, G = M + gamma (1 - M).
+    ``filter_fn``: ``filter_fn(module, name) -> bool`` keeps a masked layer (torchao's
+    quantize_ convention); for name-based selection see hf.LayerFilter.
     """
     if getattr(model, _ATTR, None) is not None:
         raise PersonaError("a persona layer is already applied to this model; call remove(model) first")
@@ -228,14 +230,18 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     unknown = [n for n in names if n not in masks.shapes]
     if unknown:
         raise PersonaError(f"layers without masks in the store: {unknown[:5]}")
+    modules = dict(model.named_modules())
+    if filter_fn is not None:
+        names = LayerFilter(filter_fn=filter_fn).select(names, modules)
+        if not names:
+            raise PersonaError("filter_fn kept none of the masked layers")
     kind = _resolve_format(format)
     handle = PersonaHandle(model, list(masks.personas), gamma=gamma, format=kind)
     handle.current = handle.index(persona)
-    modules = dict(model.named_modules())
     built = {}
     for name in names:  # build everything first: a failure leaves the model unchanged
         base = modules[name]
-        w = base.weight.detach().t() if isinstance(base, Conv1D) else base.weight.detach()
+        w = linear_weight(base).detach()
         if w.device.type == "meta":
             raise PersonaError(f"{name}: its weights are offloaded (on the meta device, loaded only at forward time by "
                                "accelerate); persona formats are built from resident weights. Load the model without "
@@ -244,7 +250,7 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
         built[name] = MaskedLinear(base, handle, _build_format(kind, w, stacked, block), kind, backend)
     for name, wrapper in built.items():
         handle.swapped[name] = wrapper.base
-        _set_module(model, name, wrapper)
+        set_module(model, name, wrapper)
     setattr(model, _ATTR, handle)
     return handle
 
@@ -258,22 +264,29 @@ def apply_neurons(model: nn.Module, target: NeuronSet, opposite: Optional[Neuron
                            "(act_fn(gate_proj(x)) * up_proj(x)); supported: Llama, Mistral, Qwen2/3, Gemma2, Phi-3")
     check_fingerprint(model, target.fingerprint, "this neuron set")
     handle = getattr(model, _ATTR, None)
-    if handle is None:
-        handle = PersonaHandle(model, [])
-        setattr(model, _ATTR, handle)
-    if handle.neurons:
+    if handle is not None and handle.neurons:
         raise PersonaError("NPTI induction is already applied; remove(model) first")
+    if not 0.0 <= keep_prob <= 1.0:
+        raise ValueError(f"keep_prob must be in [0, 1], got {keep_prob}")
     gen = torch.Generator().manual_seed(seed)
+    built = {}
     for site in target.sites:
         mlp_name = site.rpartition(".")[0]
         mlp = mlps.get(mlp_name)
         if mlp is None:
             raise PersonaError(f"{site} is not a gated MLP activation of this model")
         attr = activation_attr(mlp)
-        neurons = linear_shape(mlp.down_proj)[1]
+        neurons = intermediate_size(mlp)
+        device = linear_weight(mlp.down_proj).device
+        built[mlp_name] = (attr, InducedActivation(getattr(mlp, attr), target, opposite, site, neurons, strength, keep_prob,
+                                                   gen, backend, "cpu" if device.type == "meta" else device))
+    if handle is None:
+        handle = PersonaHandle(model, [])
+        setattr(model, _ATTR, handle)
+    for mlp_name, (attr, wrapper) in built.items():  # everything built first: a failure changes nothing
+        mlp = mlps[mlp_name]
         handle.neurons[mlp_name] = getattr(mlp, attr)
-        setattr(mlp, attr, InducedActivation(getattr(mlp, attr), target, opposite, site, neurons, strength, keep_prob,
-                                             gen, backend))
+        setattr(mlp, attr, wrapper)
     return handle
 
 
@@ -281,7 +294,7 @@ def remove(model: nn.Module) -> None:
     """Put every original module back (the state_dict is then bit-for-bit the original)."""
     h = _handle(model)
     for name, base in h.swapped.items():
-        _set_module(model, name, base)
+        set_module(model, name, base)
     for mlp_name, act in h.neurons.items():
         mlp = model.get_submodule(mlp_name)
         setattr(mlp, activation_attr(mlp), act)
@@ -329,5 +342,5 @@ def is_applied(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
-__all__ = ["InducedActivation", "MaskedLinear", "fusable_activation", "PersonaError", "PersonaHandle", "apply", "apply_neurons", "is_applied",
-           "persona", "remove", "set_batch_personas", "set_gamma", "set_persona"]
+__all__ = ["InducedActivation", "MaskedLinear", "fusable_activation", "PersonaError", "PersonaHandle", "apply", "apply_neurons",
+           "is_applied", "persona", "remove", "set_batch_personas", "set_gamma", "set_persona"]

@@ -1,4 +1,5 @@
-"""NPTI (BRIEF 2.3): find the MLP neurons of a trait's two poles, and the induction vectors.
+"""NPTI (Neuron-based Personality Trait Induction, arXiv 2410.12327): find the MLP neurons of a
+trait's two poles, and the induction vectors.
 
 Identification uses the statistics of the gated-MLP activation sites ('act') of a
 CalibrationResult: firing probability P = #(a > 0) / #tokens and the 95th percentile of a from
@@ -114,27 +115,53 @@ def push_strength(diff: torch.Tensor, p95: torch.Tensor, strength: float) -> tor
     return p95.clamp(min=0.0).nan_to_num(0.0) * strength * torch.sigmoid(10.0 * (diff - 0.15))
 
 
+def induction_plan(target: NeuronSet, opposite: Optional[NeuronSet], site: str, num_neurons: int,
+                   strength: float = 1.0, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed part of the induction at one act site: (deactivate [I] bool, target index [n]
+    int64, push [n] float32). Each step then keeps every target neuron with some probability
+    (induction_add). A neuron in both sets is treated as a target neuron."""
+    if not 0.0 <= strength:
+        raise ValueError(f"strength must be >= 0, got {strength}")
+    idx, diff, p95 = target.at(site)
+    if idx.numel() and int(idx.max()) >= num_neurons:
+        raise ValueError(f"neuron index {int(idx.max())} out of range for a site of {num_neurons} neurons")
+    deactivate = torch.zeros(num_neurons, dtype=torch.bool)
+    if opposite is not None:
+        deactivate[opposite.at(site)[0]] = True
+    deactivate[idx] = False
+    push = push_strength(diff, p95, strength).float()
+    return deactivate.to(device), idx.to(device), push.to(device)
+
+
+def induction_add(index: torch.Tensor, push: torch.Tensor, num_neurons: int, keep_prob: float,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """add [I] float32 for one step: push[j] at index[j] for the neurons drawn to be kept.
+
+    The draw is ``torch.rand(n, generator=generator) < keep_prob`` on the CPU (seeded, the same
+    stream on every device). Without a generator it is drawn on ``push``'s device from the
+    global generator: what torch.compile traces (it cannot trace a torch.Generator).
+    """
+    if not 0.0 <= keep_prob <= 1.0:
+        raise ValueError(f"keep_prob must be in [0, 1], got {keep_prob}")
+    if generator is not None:
+        keep = (torch.rand(index.numel(), generator=generator) < keep_prob).to(push.device)
+    else:
+        keep = torch.rand(index.numel(), device=push.device) < keep_prob
+    kept = torch.where(keep, push, torch.zeros((), dtype=push.dtype, device=push.device))
+    return torch.zeros(num_neurons, dtype=torch.float32, device=push.device).scatter(0, index, kept)
+
+
 def induction_vectors(target: NeuronSet, opposite: Optional[NeuronSet], site: str, num_neurons: int,
                       strength: float = 1.0, keep_prob: float = 0.9, generator: Optional[torch.Generator] = None,
                       device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(deactivate [I] bool, add [I] float32) for one forward step at one act site.
 
     Target neurons are pushed, each kept independently with probability ``keep_prob`` (drawn
-    from ``generator``); the opposite set's neurons are deactivated. A neuron in both sets is
-    treated as a target neuron.
+    from ``generator``, a fresh unseeded CPU one if None); the opposite set's neurons are
+    deactivated. A neuron in both sets is treated as a target neuron.
     """
     if not 0.0 <= keep_prob <= 1.0:
         raise ValueError(f"keep_prob must be in [0, 1], got {keep_prob}")
-    if not 0.0 <= strength:
-        raise ValueError(f"strength must be >= 0, got {strength}")
-    idx, diff, p95 = target.at(site)
-    if idx.numel() and int(idx.max()) >= num_neurons:
-        raise ValueError(f"neuron index {int(idx.max())} out of range for a site of {num_neurons} neurons")
-    add = torch.zeros(num_neurons, dtype=torch.float32)
-    keep = torch.rand(idx.numel(), generator=generator) < keep_prob
-    add[idx[keep]] = push_strength(diff[keep], p95[keep], strength).float()
-    deactivate = torch.zeros(num_neurons, dtype=torch.bool)
-    if opposite is not None:
-        deactivate[opposite.at(site)[0]] = True
-    deactivate[idx] = False
+    deactivate, index, push = induction_plan(target, opposite, site, num_neurons, strength)
+    add = induction_add(index, push, num_neurons, keep_prob, generator if generator is not None else torch.default_generator)
     return deactivate.to(device), add.to(device)

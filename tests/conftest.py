@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from persona_kernels import backends  # noqa: E402
-from persona_kernels.ops.accumulate_stats import partials  # noqa: E402
+from persona_kernels.ops import registry  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -26,5 +26,5 @@ def kernel_backends(device="cpu"):
 
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
-    monkeypatch.setattr(partials, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(registry, "POISON_OUTPUTS", True)
     yield

@@ -8,8 +8,7 @@ import torch
 
 import persona_kernels as pk
 from persona_kernels import StatsConfig, StatsState
-import importlib
-op_module = importlib.import_module("persona_kernels.ops.accumulate_stats")
+from persona_kernels.ops import registry
 from persona_kernels.ops.accumulate_stats import NonFiniteActivationError
 from persona_kernels.ops.accumulate_stats.partials import reduce_partials, valid_counts
 from persona_kernels.stats import npti_edges
@@ -66,7 +65,7 @@ def test_multi_chunk_kernels_and_custom_edges(backend):
     """Small chunks force the Chan merge across many chunks of one sample; custom edges."""
     if backend == "reference":
         pytest.skip("the reference uses one chunk per sample")
-    kernel = op_module._kernel(backend)
+    kernel = registry.kernel("accumulate_stats", backend)
     kernel = functools.partial(kernel, rows_per_chunk=7)
     x, valid, seg = _inputs((3, 50, 37), torch.float32, 2, seed=7, scale=3.0)
     edges = torch.tensor([-2.0, -0.5, 0.0, 0.25, 1.0, 4.0])

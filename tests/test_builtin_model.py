@@ -10,9 +10,8 @@ import os
 import pytest
 import torch
 
-from persona_kernels.builtin import (MODEL_DIR, builtin_calibration_texts, builtin_eval_items, corpus,
-                                     load_builtin_model, training_info)
-from persona_kernels.builtin import train as T
+from persona_kernels.app import train_builtin as T
+from persona_kernels.builtin import MODEL_DIR, builtin_calibration_texts, builtin_eval_items, corpus, load_builtin_model, training_info
 from persona_kernels.calibrate import calibrate
 from persona_kernels.masks import build_masks
 

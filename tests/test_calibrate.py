@@ -9,9 +9,9 @@ import persona_kernels as pk
 from persona_kernels.calibrate import CalibrationConfig, CalibrationResult, calibrate
 from persona_kernels.fingerprint import FingerprintMismatch
 from persona_kernels.io import ArtifactError
-from persona_kernels.models import char_tokenizer, tiny_causal_lm
 from persona_kernels.sites import discover_sites
 from persona_kernels.stats import npti_edges
+from persona_kernels.testing import char_tokenizer, tiny_causal_lm
 
 from stats_oracle import oracle
 

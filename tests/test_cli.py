@@ -1,8 +1,8 @@
 """The command line on a tiny local model directory: each sub-command, and clean errors."""
 import pytest
 
-from persona_kernels.cli import main
-from persona_kernels.models import char_tokenizer, tiny_causal_lm
+from persona_kernels.app.cli import main
+from persona_kernels.testing import char_tokenizer, tiny_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from persona_kernels.data import (BUILTIN_PAIRS, DataFormatError, MCItem, builtin_pair, builtin_texts, load_mc_csv,
-                                  load_personalitybench, load_persona_csv, load_text_lines)
+from persona_kernels.data import (
+    BUILTIN_PAIRS,
+    DataFormatError,
+    MCItem,
+    builtin_pair,
+    builtin_texts,
+    load_mc_csv,
+    load_persona_csv,
+    load_personalitybench,
+    load_text_lines,
+)
 from persona_kernels.evaluate import answer_logprobs, evaluate_mc
-from persona_kernels.models import char_tokenizer, tiny_causal_lm
+from persona_kernels.testing import char_tokenizer, tiny_causal_lm
 
 
 def test_text_lines(tmp_path):

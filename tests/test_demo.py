@@ -1,7 +1,7 @@
 """The demo pipeline on reduced settings: it runs end to end and leaves a complete report."""
 import os
 
-from persona_kernels.cli import main
+from persona_kernels.app.cli import main
 
 
 def test_demo_quick(tmp_path, capsys):

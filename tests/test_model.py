@@ -8,10 +8,9 @@ from transformers.pytorch_utils import Conv1D
 import persona_kernels.model as pm
 from persona_kernels.calibrate import calibrate
 from persona_kernels.fingerprint import FingerprintMismatch
-from persona_kernels.formats import block_mask
-from persona_kernels.masks import MaskStore, build_masks, linear_weight
-from persona_kernels.models import char_tokenizer, tiny_causal_lm
+from persona_kernels.masks import MaskStore, block_mask, build_masks
 from persona_kernels.npti import identify_neurons, induction_vectors
+from persona_kernels.testing import char_tokenizer, tiny_causal_lm
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "olmo2"]
 TEXTS = {"extravert": ["I love parties and people!", "Everyone come over!", "Let's go out tonight."],

@@ -7,11 +7,11 @@ import torch
 
 from persona_kernels.calibrate import CalibrationResult, calibrate
 from persona_kernels.fingerprint import FingerprintMismatch
-from persona_kernels.models import char_tokenizer, tiny_causal_lm
 from persona_kernels.npti import NeuronSet, identify_neurons, induction_vectors, push_strength
 from persona_kernels.ops.induce_neurons import induce_neurons
 from persona_kernels.sites import Site
 from persona_kernels.stats import StatsConfig, StatsState
+from persona_kernels.testing import char_tokenizer, tiny_causal_lm
 
 from conftest import kernel_backends
 

@@ -6,8 +6,7 @@
 // sumsq, sumabs, pos (count of x > 0), min, max and absmax; and, when edges are given, add one
 // histogram count per valid element at hist[persona[k], c, bin] (bin i holds
 // edges[i] < x <= edges[i+1], outer bins open). Python entry points: accumulate_stats_partials,
-// hist_search_info (registered by register_accumulate_stats; this file also hosts the
-// PYBIND11_MODULE of persona_kernels._C_cpu, at its end).
+// hist_search_info (registered by register_accumulate_stats; the module is csrc/cpu/module.cpp).
 //
 // Layout of the work
 // ------------------
@@ -853,22 +852,4 @@ void register_accumulate_stats(pybind11::module_& m) {
   m.def("hist_search_info", &hist_search_info, "how accumulate_stats_partials searches the bins of `edges`: "
         "(mode, comparisons after the table lookup, table cells)", py::arg("edges"));
   m.attr("vector_histogram") = py::bool_(kVectorHist);
-}
-
-// ------------------------------------------------------------------------------------------
-// persona_kernels._C_cpu: one PYBIND11_MODULE for every csrc/cpu/*.cpp (setup.py builds them
-// into one extension, which can have only one). Each op defines register_<op>(m); the weak
-// declarations let the module build with whichever ops are present. If the module moves to
-// its own file (like csrc/cuda/module.cpp), delete this block.
-void register_bitmap_linear(pybind11::module_& m) __attribute__((weak));
-void register_compacted_linear(pybind11::module_& m) __attribute__((weak));
-void register_shared_bitmask_linear(pybind11::module_& m) __attribute__((weak));
-void register_induce_neurons(pybind11::module_& m) __attribute__((weak));
-void register_topk_mask(pybind11::module_& m) __attribute__((weak));
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "persona_kernels C++/OpenMP CPU kernels";
-  register_accumulate_stats(m);
-  for (auto reg : {register_bitmap_linear, register_compacted_linear, register_shared_bitmask_linear, register_induce_neurons, register_topk_mask})
-    if (reg != nullptr) reg(m);
 }

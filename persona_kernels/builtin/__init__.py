@@ -5,7 +5,7 @@
     items = builtin_eval_items()                   # held-out A/B items; 'matching' = the extravert answer
     texts = builtin_calibration_texts()            # {'extraversion': [...], 'introversion': [...]}
 
-The weights and tokenizer in ``model/`` were made by ``python -m persona_kernels.builtin.train
+The weights and tokenizer in ``model/`` were made by ``python -m persona_kernels.app.train_builtin
 --out persona_kernels/builtin/model`` (deterministic; see train.py) from the corpus of
 corpus.py: a Llama (hidden 128, 4 layers, ReLU MLP of 512, tied embeddings, 1.06 M parameters,
 4.2 MB in float32) with a 584-word word-level tokenizer. ``model/training.json`` records the
@@ -44,7 +44,7 @@ def load_builtin_model(dtype=torch.float32, model_dir: str = MODEL_DIR):
 
     if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         raise FileNotFoundError(f"{model_dir}: no model.safetensors; train it with "
-                                "`python -m persona_kernels.builtin.train --out persona_kernels/builtin/model`")
+                                "`python -m persona_kernels.app.train_builtin --out persona_kernels/builtin/model`")
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     return model.eval(), tok

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from .loaders import (DataFormatError, MCItem, PersonalityBench, load_mc_csv, load_personalitybench, load_persona_csv,
-                      load_text_lines)
+from .loaders import DataFormatError, MCItem, PersonalityBench, load_mc_csv, load_persona_csv, load_personalitybench, load_text_lines
 
 BUILTIN_PERSONAS = {
     "extraversion": "extraversion.txt", "introversion": "introversion.txt",

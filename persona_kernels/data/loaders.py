@@ -1,4 +1,4 @@
-"""Loaders for the data formats seen in the wild (BRIEF 2.5). Errors name the file and line."""
+"""Loaders for the public persona data formats: plain texts, persona CSVs, A/B MC CSVs, PersonalityBench. Errors name the file and line."""
 from __future__ import annotations
 
 import csv

@@ -3,43 +3,19 @@
 Every format is a small class over one linear layer's weight in linear orientation
 [out, in]: ``from_dense``, ``to_dense``, ``nbytes`` (its memory footprint), and ``save``/
 ``load`` through ``state()``/``from_state()``. Bitmaps everywhere use int32 words along the
-input dimension, LSB first: bit j of word w of a row is column 32 * w + j.
+input dimension, LSB first: bit j of word w of a row is column 32 * w + j (bitpack.py).
 """
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional
 
 import torch
 
+from ..bitpack import WORD, pack_words, unpack_words  # noqa: F401 (re-exported for the formats)
 from ..io import load_artifact, save_artifact
 
-WORD = 32
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# Bytes of the int32 words are handled as uint8 (4x less traffic than int64 shifts); byte k of
-# a word holds bits 8k..8k+7, which is the word layout on little-endian machines.
-assert sys.byteorder == "little", "persona_kernels' bit packing assumes a little-endian machine"
-_BYTE_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-def pack_words(mask: torch.Tensor) -> torch.Tensor:
-    """bool [..., n] -> int32 [..., ceil(n / 32)], LSB first."""
-    n = mask.shape[-1]
-    pad = (-n) % WORD
-    m = mask.to(torch.uint8)
-    if pad:
-        m = torch.nn.functional.pad(m, (0, pad))
-    packed = (m.view(*mask.shape[:-1], -1, 8) << _BYTE_SHIFTS.to(m.device)).sum(-1, dtype=torch.uint8)
-    return packed.view(torch.int32)
-
-
-def unpack_words(words: torch.Tensor, n: int) -> torch.Tensor:
-    """int32 [..., ceil(n / 32)] -> bool [..., n]."""
-    bits = (words.contiguous().view(torch.uint8).unsqueeze(-1) >> _BYTE_SHIFTS.to(words.device)) & 1
-    return bits.view(*words.shape[:-1], -1)[..., :n].to(torch.bool)
 
 
 def check_weight(weight: torch.Tensor) -> torch.Tensor:

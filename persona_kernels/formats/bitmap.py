@@ -16,7 +16,6 @@ import torch
 
 from .base import WeightFormat, check_mask, check_weight, pack_words, unpack_words
 
-
 PAD = 16  # vector kernels load 16 values from any offset
 
 

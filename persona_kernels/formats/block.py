@@ -2,7 +2,7 @@
 
 The weight is tiled into blocks of ``block`` = (rows, cols); each persona keeps a set of
 whole blocks. Kernels skip dropped blocks entirely, so personas share one weight copy and
-still read fewer bytes. Masks must be block-structured (use ``block_mask`` to make one from
+still read fewer bytes. Masks must be block-structured (``masks.block_mask`` makes one from
 scores); per persona the kept blocks of each block-row are listed in ``cols`` / ``ptr``.
 """
 from __future__ import annotations
@@ -12,23 +12,6 @@ from typing import Optional
 import torch
 
 from .base import WeightFormat, check_mask, check_weight
-
-
-def block_mask(score: torch.Tensor, block: tuple, sparsity: float) -> torch.Tensor:
-    """Block-structured bool mask keeping the blocks with the largest summed score in each block-row.
-
-    Ties go to the lower block column (the same rule as topk_mask).
-    """
-    from ..masks.methods import keep_count
-    from ..ops.topk_mask import topk_mask
-
-    br, bc = block
-    out_f, in_f = score.shape
-    if out_f % br or in_f % bc:
-        raise ValueError(f"weight shape {tuple(score.shape)} is not a multiple of the block {block}")
-    s = score.float().view(out_f // br, br, in_f // bc, bc).sum((1, 3))
-    keep = topk_mask(s, keep_count(in_f // bc, sparsity))
-    return keep.repeat_interleave(br, 0).repeat_interleave(bc, 1)
 
 
 class BlockSparseWeight(WeightFormat):
@@ -51,7 +34,7 @@ class BlockSparseWeight(WeightFormat):
         any_, all_ = tiles.any(4).any(2), tiles.all(4).all(2)
         if not torch.equal(any_, all_):
             raise ValueError(f"mask is not block-structured for blocks of {tuple(block)}: some blocks are partly kept "
-                             "(build it with formats.block.block_mask)")
+                             "(build it with persona_kernels.masks.block_mask)")
         return cls(w.contiguous(), any_.contiguous(), block, w.shape)
 
     @property

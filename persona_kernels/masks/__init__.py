@@ -1,9 +1,17 @@
-"""Persona masks (BRIEF 2.1, 2.2): Wanda-style, Contrastive-Wanda, Contrastive-Sparse, soft gates."""
-from .bitpack import pack_bits, unpack_bits
+"""Persona masks : Wanda-style, Contrastive-Wanda, Contrastive-Sparse, soft gates."""
+from ..bitpack import pack_bits, unpack_bits
 from .build import MaskConfig, build_masks, linear_weight
-from .methods import (contrastive_sparse_masks, contrastive_wanda_masks, contrastive_z, select, soft_gate, wanda_mask,
-                      wanda_score)
+from .methods import (
+                      block_mask,
+                      contrastive_sparse_masks,
+                      contrastive_wanda_masks,
+                      contrastive_z,
+                      select,
+                      soft_gate,
+                      wanda_mask,
+                      wanda_score,
+)
 from .store import MaskStore
 
-__all__ = ["MaskConfig", "MaskStore", "build_masks", "contrastive_sparse_masks", "contrastive_wanda_masks",
+__all__ = ["MaskConfig", "MaskStore", "block_mask", "build_masks", "contrastive_sparse_masks", "contrastive_wanda_masks",
            "contrastive_z", "linear_weight", "pack_bits", "select", "soft_gate", "unpack_bits", "wanda_mask", "wanda_score"]

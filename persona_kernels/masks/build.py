@@ -1,7 +1,6 @@
 """Build persona masks for a whole model from calibration statistics."""
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -10,7 +9,7 @@ import torch.nn as nn
 
 from ..calibrate import CalibrationResult
 from ..fingerprint import check_fingerprint
-from ..fingerprint import Conv1D
+from ..hf import LayerFilter, linear_weight
 from . import methods
 from .store import MaskStore
 
@@ -61,24 +60,9 @@ class MaskConfig:
             raise ValueError("contrastive_sparse selects per row; granularity must be 'row'")
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight in linear orientation [out, in] (Conv1D stores it [in, out])."""
-    if Conv1D and isinstance(module, Conv1D):
-        return module.weight.t()
-    return module.weight
-
-
 def _layers(calib: CalibrationResult, cfg: MaskConfig) -> list[str]:
     names = [n for n, s in calib.sites.items() if s.kind == "linear"]
-    if cfg.layers is not None:
-        keep = set(cfg.layers)
-        names = [n for n in names if calib.sites[n].layer in keep]
-    if cfg.mlp_only:
-        names = [n for n in names if re.search(r"(^|\.)(mlp|feed_forward|ffn)(\.|$)", n)]
-    if cfg.include:
-        names = [n for n in names if re.search(cfg.include, n)]
-    if cfg.exclude:
-        names = [n for n in names if not re.search(cfg.exclude, n)]
+    names = LayerFilter(cfg.layers, cfg.mlp_only, cfg.include, cfg.exclude).select(names)
     if not names:
         raise ValueError("no calibrated linear layers match the mask configuration")
     return names

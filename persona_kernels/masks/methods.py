@@ -1,4 +1,6 @@
-"""Mask methods on one weight matrix (BRIEF 2.1, 2.2): scores and selection.
+"""Mask methods on one weight matrix: scores and selection. Persona masks are Wanda scores
+(Sun et al., arXiv 2306.11695) on persona calibration data; the contrastive forms follow the
+persona-subnetwork paper (arXiv 2602.07164).
 
 Weights are in linear orientation [out, in]. Scores are float32: |W| * A with A cast to
 float32 first, so every backend ranks exactly the same numbers. Selection keeps the top-k of
@@ -31,7 +33,8 @@ def wanda_score(weight: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if act.shape != (weight.shape[1],):
-        raise ValueError(f"activation statistic has shape {tuple(act.shape)}, expected ({weight.shape[1]},) for a weight of shape {tuple(weight.shape)}")
+        raise ValueError(f"activation statistic has shape {tuple(act.shape)}, expected ({weight.shape[1]},) "
+                         f"for a weight of shape {tuple(weight.shape)}")
     a = act.to(device=weight.device, dtype=torch.float32)
     if not torch.isfinite(a).all():
         raise ValueError("activation statistic contains NaN/Inf (a persona with no calibration tokens?)")
@@ -56,7 +59,7 @@ def select(score: torch.Tensor, sparsity: float = 0.5, granularity: str = "row",
 
 
 def wanda_mask(weight, act, sparsity=0.5, granularity="row", n=2, m=4, backend="auto") -> torch.Tensor:
-    """Persona mask: keep the highest |W| * A (BRIEF 2.1)."""
+    """Persona mask: keep the highest |W| * A (arXiv 2602.07164, Wanda's score)."""
     return select(wanda_score(weight, act), sparsity, granularity, n, m, backend)
 
 
@@ -70,7 +73,7 @@ def contrastive_z(mean_pos, var_pos, mean_neg, var_neg) -> torch.Tensor:
 
 def contrastive_wanda_masks(weight, mean_pos, var_pos, mean_neg, var_neg, sparsity=0.5, granularity="row",
                             contrast="relu", tau=2.0, n=2, m=4, backend="auto"):
-    """Contrastive-Wanda (BRIEF 2.2): S+ = |W| * g(z), S- = |W| * g(-z), g = relu or softplus(./tau).
+    """Contrastive-Wanda (arXiv 2602.07164): S+ = |W| * g(z), S- = |W| * g(-z), g = relu or softplus(./tau).
 
     Where g is zero (relu) the scores tie at 0 and the lower input index wins, so the masks are
     deterministic even when fewer than k inputs favour a persona.
@@ -89,7 +92,7 @@ def contrastive_wanda_masks(weight, mean_pos, var_pos, mean_neg, var_neg, sparsi
 
 
 def contrastive_sparse_masks(weight, act_pos, act_neg, sparsity=0.5, backend="auto"):
-    """Contrastive-Sparse (BRIEF 2.2): disjoint masks from row-normalised Wanda scores.
+    """Contrastive-Sparse (arXiv 2602.07164): disjoint masks from row-normalised Wanda scores.
 
     D = S~+ - S~- with S~ = S / sum_row(S). Per row, the + mask keeps the k inputs with the
     largest D (where + scores higher first, by margin |D|) and the - mask the k with the
@@ -111,3 +114,15 @@ def soft_gate(mask: torch.Tensor, gamma: float, dtype=torch.float32) -> torch.Te
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     m = mask.to(dtype)
     return m + gamma * (1 - m)
+
+
+def block_mask(score: torch.Tensor, block: tuple, sparsity: float) -> torch.Tensor:
+    """Block-structured bool mask keeping the blocks with the largest summed score in each
+    block-row (for the 'block' weight format). Ties go to the lower block column (topk_mask's rule)."""
+    br, bc = block
+    out_f, in_f = score.shape
+    if out_f % br or in_f % bc:
+        raise ValueError(f"weight shape {tuple(score.shape)} is not a multiple of the block {block}")
+    s = score.float().view(out_f // br, br, in_f // bc, bc).sum((1, 3))
+    keep = topk_mask(s, keep_count(in_f // bc, sparsity))
+    return keep.repeat_interleave(br, 0).repeat_interleave(bc, 1)

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..bitpack import pack_bits, popcount, unpack_bits
 from ..fingerprint import architecture, check_fingerprint, model_fingerprint
 from ..io import load_artifact, save_artifact
-from .bitpack import pack_bits, popcount, unpack_bits
 
 KIND = "masks"
 

@@ -1,45 +1,40 @@
 """accumulate_stats: one pass over an activation updates every per-channel statistic.
 
 Public entry point, input validation and backend dispatch. The kernels live beside this file
-(reference.py, triton_kernel.py, cpu.py, cuda.py); each writes chunk partials that
-partials.reduce_partials folds into a StatsState.
+(reference.py, triton.py, cpp.py, cuda.py, registered in ops/registry.py); each writes chunk
+partials that partials.reduce_partials folds into a StatsState. Under torch.compile the call
+goes through the torch.library op ``persona_kernels::accumulate_stats`` (ops/library.py).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ... import backends
 from ...stats import StatsConfig, StatsState
-from .partials import Partials, nonfinite_channels, reduce_partials, valid_counts
-from .reference import stats_partials_reference
+from .. import registry
+from .partials import nonfinite_channels, reduce_partials, valid_counts
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# StatsState fields in the order the torch.library op returns them (then hist, with edges)
+DELTA_FIELDS = ("count", "sum", "mean", "m2", "sumsq", "sumabs", "pos", "min", "max", "absmax", "samples", "norm_mean", "norm_m2")
 
 
 class NonFiniteActivationError(ValueError):
     """The activation holds NaN or Inf among its valid tokens; nothing was accumulated."""
 
 
-def _kernel(backend: str) -> Callable[..., Partials]:
-    if backend == "reference":
-        return stats_partials_reference
-    if backend == "triton":
-        from .triton_kernel import stats_partials_triton
-        return stats_partials_triton
-    if backend == "cpp":
-        from .cpu import stats_partials_cpu
-        return stats_partials_cpu
-    if backend == "cuda":
-        from .cuda import stats_partials_cuda
-        return stats_partials_cuda
-    raise ValueError(backend)
-
-
-def _preference(device: torch.device) -> tuple[str, ...]:
-    # the interpreter is a testing tool, never an automatic choice
-    return ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+def accumulate_delta(x3: torch.Tensor, valid3: torch.Tensor, seg: torch.Tensor, edges: Optional[torch.Tensor],
+                     num_personas: int, backend: str) -> StatsState:
+    """One call's statistics as a fresh StatsState: the backend's partials, checked, then reduced."""
+    part = registry.kernel("accumulate_stats", backend)(x3, valid3, seg, edges, num_personas)
+    bad = nonfinite_channels(part)
+    if bad.numel():
+        raise NonFiniteActivationError(
+            f"activation contains NaN or Inf in {bad.numel()} channel(s) (first: {bad[:8].tolist()}), or values "
+            "whose squares overflow float32 (|x| > 1.8e19); nothing was accumulated")
+    n = valid_counts(part.chunks, valid3.reshape(-1))
+    return reduce_partials(part, n, x3.shape[0], num_personas, edges)
 
 
 def _as_samples(x: torch.Tensor, valid, segment_ids, num_personas: int):
@@ -110,16 +105,14 @@ def accumulate_stats(x: torch.Tensor, state: Optional[StatsState] = None, *, val
     B, T, C = x3.shape
     if B == 0 or T == 0:
         return state
-    name = backends.resolve(backend, x3.device, _preference(x3.device))
-    part = _kernel(name)(x3, valid3, seg, state.edges, state.num_personas)
-    bad = nonfinite_channels(part)
-    if bad.numel():
-        raise NonFiniteActivationError(
-            f"activation contains NaN or Inf in {bad.numel()} channel(s) (first: {bad[:8].tolist()}), or values "
-            "whose squares overflow float32 (|x| > 1.8e19); nothing was accumulated")
-    n = valid_counts(part.chunks, valid3.reshape(-1))
-    delta = reduce_partials(part, n, B, state.num_personas, state.edges)
+    name = registry.resolve("accumulate_stats", backend, x3.device)
+    if torch.compiler.is_compiling():
+        out = torch.ops.persona_kernels.accumulate_stats(x3, valid3, seg, state.edges, state.num_personas, name)
+        delta = StatsState(**dict(zip(DELTA_FIELDS, out)), hist=out[len(DELTA_FIELDS)] if state.edges is not None else None,
+                           edges=state.edges)
+    else:
+        delta = accumulate_delta(x3, valid3, seg, state.edges, state.num_personas, name)
     return state.merge_(delta)
 
 
-__all__ = ["accumulate_stats", "NonFiniteActivationError", "SUPPORTED_DTYPES"]
+__all__ = ["accumulate_delta", "accumulate_stats", "NonFiniteActivationError", "SUPPORTED_DTYPES"]

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ... import _native
+from ..registry import has_native, register_kernel
 from .partials import Chunks, Partials, empty_partials
 
 # Launch geometry of the kernels (PK_ACC_THREADS / PK_ACC_MIN_BLOCKS_PER_SM in
@@ -76,7 +77,7 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def stats_partials_cuda(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
+def accumulate_stats_cuda(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
                         edges: Optional[torch.Tensor], num_personas: int,
                         rows_per_chunk: Optional[int] = None) -> Partials:
     """Launcher. x: [B, T, C] on a CUDA device, valid: [B, T] bool, sample_persona: [B] int64.
@@ -108,3 +109,7 @@ def stats_partials_cuda(x: torch.Tensor, valid: torch.Tensor, sample_persona: to
         p.sum, p.mean, p.m2, p.sumsq, p.sumabs, p.pos, p.min, p.max, p.absmax, vec=vec,
     )
     return p
+
+
+if has_native("accumulate_stats_partials", "cuda"):
+    register_kernel("accumulate_stats", "cuda")(accumulate_stats_cuda)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ...stats import StatsState
+from ..registry import new_output
 
 F64 = torch.float64
 
@@ -125,26 +126,18 @@ def reduce_partials(p: Partials, n: torch.Tensor, num_samples: int, num_personas
     )
 
 
-# Tests set this to poison the kernels' output buffers, so an element a kernel forgets to
-# write shows up as a wrong statistic instead of stale memory that happens to be right.
-POISON_OUTPUTS = False
-
-
 def empty_partials(chunks: Chunks, num_channels: int, device, hist_shape: Optional[tuple],
                    mean_dtype: torch.dtype = torch.float32) -> Partials:
-    """Output buffers for a kernel backend: float32 accumulators, int32 counts, int32 histogram.
+    """Output buffers for a kernel backend: float32 accumulators, int32 counts, int32 histogram
+    (the histogram is added into, so it starts at zero; the rest is poisoned under tests).
 
     A kernel that keeps its running mean as shift + offset can ask for a float64 mean so the
     chunk means keep the precision stage 2's merge needs when |mean| >> std.
     """
-    K, C = len(chunks), num_channels
-    if POISON_OUTPUTS:
-        f = lambda dt=torch.float32: torch.full((K, C), 1.2345e6, dtype=dt, device=device)  # noqa: E731
-        pos = torch.full((K, C), -777, dtype=torch.int32, device=device)
-    else:
-        f = lambda dt=torch.float32: torch.empty(K, C, dtype=dt, device=device)  # noqa: E731
-        pos = torch.empty(K, C, dtype=torch.int32, device=device)
+    shape = (len(chunks), num_channels)
+    f = lambda dt=torch.float32: new_output(shape, dt, device, fill=1.2345e6)  # noqa: E731
     return Partials(
-        chunks=chunks, sum=f(), mean=f(mean_dtype), m2=f(), sumsq=f(), sumabs=f(), pos=pos, min=f(), max=f(), absmax=f(),
+        chunks=chunks, sum=f(), mean=f(mean_dtype), m2=f(), sumsq=f(), sumabs=f(), pos=new_output(shape, torch.int32, device, fill=-777),
+        min=f(), max=f(), absmax=f(),
         hist=None if hist_shape is None else torch.zeros(hist_shape, dtype=torch.int32, device=device),
     )

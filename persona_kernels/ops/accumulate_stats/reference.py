@@ -10,10 +10,12 @@ from typing import Optional
 import torch
 
 from ...stats.histogram import bin_index
+from ..registry import register_kernel
 from .partials import Chunks, Partials
 
 
-def stats_partials_reference(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
+@register_kernel("accumulate_stats", "reference")
+def accumulate_stats_reference(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
                              edges: Optional[torch.Tensor], num_personas: int) -> Partials:
     """x: [B, T, C] activations, valid: [B, T] bool, sample_persona: [B] int64."""
     B, T, C = x.shape

@@ -14,10 +14,8 @@ from typing import Optional
 
 import torch
 
-from ... import backends
-from .reference import ACTIVATIONS, induce_neurons_reference
-
-ACT_CODES = {None: 0, "silu": 1, "gelu_tanh": 2}  # as the Triton and C++ kernels number them
+from .. import registry
+from .reference import ACT_CODES, ACTIVATIONS, induce_neurons_reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,23 +39,18 @@ def _check(a, deactivate, add, act):
 
 def induce_neurons(a: torch.Tensor, deactivate: torch.Tensor, add: torch.Tensor, backend: str = "auto",
                    act: Optional[str] = None) -> torch.Tensor:
+    """out = (deactivate ? min(f(a), 0) : f(a)) + add over the last dim of ``a``, in a's dtype.
+
+    ``backend``: 'auto', 'reference', 'triton' or 'cpp'. Under torch.compile the call goes
+    through the torch.library op ``persona_kernels::induce_neurons`` (ops/library.py).
+    """
     _check(a, deactivate, add, act)
-    name = backends.resolve(backend, a.device, ("triton",) if a.device.type == "cuda" else ("cpp",))
-    if a.numel() == 0 or name == "reference":
-        return induce_neurons_reference(a, deactivate, add, act)
-    if name == "triton":
-        from .triton_kernel import induce_neurons_triton
-
-        return induce_neurons_triton(a, deactivate.contiguous(), add.contiguous(), ACT_CODES[act])
-    if name == "cpp":
-        from .cpu import has_kernel, induce_neurons_cpu
-
-        if has_kernel():
-            return induce_neurons_cpu(a, deactivate.contiguous(), add.contiguous(), ACT_CODES[act])
-        if backend != "auto":
-            raise backends.BackendUnavailable("the C++ extension was built without induce_neurons; rebuild the package")
-        return induce_neurons_reference(a, deactivate, add, act)
-    raise ValueError(f"induce_neurons has no {name!r} kernel; use 'reference', 'triton' or 'cpp'")
+    name = registry.resolve("induce_neurons", backend, a.device)
+    if a.numel() == 0:
+        name = "reference"
+    if torch.compiler.is_compiling():
+        return torch.ops.persona_kernels.induce_neurons(a, deactivate, add, ACT_CODES[act], name)
+    return registry.kernel("induce_neurons", name)(a, deactivate.contiguous(), add.contiguous(), ACT_CODES[act])
 
 
-__all__ = ["ACTIVATIONS", "induce_neurons", "induce_neurons_reference"]
+__all__ = ["ACTIVATIONS", "ACT_CODES", "induce_neurons", "induce_neurons_reference"]

@@ -16,11 +16,10 @@ from typing import Optional
 import torch
 
 from ... import _native
-from . import new_output, register_kernel
+from ..registry import has_native, new_output, register_kernel
 
 
-@register_kernel("bitmap", "cuda")
-def bitmap_linear_cuda(x2d: torch.Tensor, fmt, bias: Optional[torch.Tensor],
+def masked_linear_bitmap_cuda(x2d: torch.Tensor, fmt, bias: Optional[torch.Tensor],
                        persona_rows: Optional[torch.Tensor]) -> torch.Tensor:
     """x2d [N, in] on a CUDA device, fmt a BitmapWeight on the same device -> y [N, out] in x's dtype."""
     mod = _native.require("cuda")
@@ -29,7 +28,7 @@ def bitmap_linear_cuda(x2d: torch.Tensor, fmt, bias: Optional[torch.Tensor],
     if persona_rows is not None:
         raise ValueError("a bitmap weight holds one persona: persona_rows must be None")
     x = x2d.contiguous()
-    y = new_output(x.shape[0], fmt.shape[0], x.dtype, x.device)
+    y = new_output((x.shape[0], fmt.shape[0]), x.dtype, x.device)
     if y.numel() == 0:
         return y
     mod.bitmap_linear(
@@ -46,3 +45,7 @@ def bitmap_linear_config(x2d: torch.Tensor, fmt, rows_per_pass: int = 0, threads
     return mod.bitmap_linear_config(x2d.contiguous(), fmt.values.contiguous(), fmt.bitmap.contiguous(),
                                     fmt.row_ptr.contiguous(), rows_per_pass=rows_per_pass, threads=threads,
                                     x_in_global=x_in_global)
+
+
+if has_native("bitmap_linear", "cuda"):
+    register_kernel("masked_linear", "cuda", "bitmap")(masked_linear_bitmap_cuda)

@@ -22,6 +22,7 @@ import torch
 
 from ... import backends
 from ...formats import WeightFormat
+from .. import registry
 
 _TABLE_FILE = os.path.join(os.path.dirname(__file__), "crossover.json")
 _OVERRIDES: dict = {}
@@ -68,14 +69,14 @@ def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[
 
 
 def _sparse_backend(kind: str, device: torch.device) -> Optional[str]:
-    from . import KERNELS, _load_backend_modules
+    name = registry.resolve("masked_linear", "auto", device, kind, order=registry.preference(device))
+    return None if name == "reference" else name
 
-    _load_backend_modules()
-    order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
-    for name in order:
-        if (kind, name) in KERNELS and backends.available(name, device):
-            return name
-    return None
+
+def fallback_route(kind: str) -> str:
+    """What runs where no sparse kernel does (or above the crossover): 'torch' (a GEMM on the
+    compact / 2:4 weight) or 'dense' (a GEMM on the cached masked dense weight)."""
+    return "torch" if kind in _TORCH_FALLBACK else "dense"
 
 
 def table_key(kind: str, dtype: torch.dtype) -> str:
@@ -88,7 +89,7 @@ def table_key(kind: str, dtype: torch.dtype) -> str:
 # modules and reads files, which Dynamo cannot trace)
 @torch.compiler.assume_constant_result
 def _route(kind: str, device: torch.device, dtype: torch.dtype) -> tuple:
-    fallback = "torch" if kind in _TORCH_FALLBACK else "dense"
+    fallback = fallback_route(kind)
     name = _sparse_backend(kind, device)
     table = _table().get(device_class(device), {})
     entry = table.get(table_key(kind, dtype), table.get(kind))

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ...formats import WeightFormat
+from ...formats import FORMAT_KINDS, WeightFormat
+from ..registry import register_kernel
 
 
 def masked_linear_reference(x: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor],
@@ -27,3 +28,12 @@ def masked_linear_reference(x: torch.Tensor, fmt: WeightFormat, bias: Optional[t
         rows = persona == p
         out[rows] = F.linear(x[rows], dense(p), bias)
     return out
+
+
+def masked_linear_reference_launcher(x2: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor],
+                                     persona_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    return masked_linear_reference(x2, fmt, bias, persona_rows)
+
+
+for _kind in FORMAT_KINDS:  # the oracle runs every format
+    register_kernel("masked_linear", "reference", _kind)(masked_linear_reference_launcher)

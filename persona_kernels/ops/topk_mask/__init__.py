@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from ... import backends
+from .. import registry
 from .reference import topk_mask_reference
 
 
 def topk_mask(score: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
-    """Boolean mask keeping the ``k`` highest scores of each row of ``score`` [R, n]."""
+    """Boolean mask keeping the ``k`` highest scores of each row of ``score`` [R, n].
+
+    ``backend``: 'auto', 'reference' or 'cpp'. Under torch.compile the call goes through the
+    torch.library op ``persona_kernels::topk_mask`` (ops/library.py).
+    """
     if not isinstance(score, torch.Tensor) or score.ndim != 2:
         raise ValueError(f"score must be a 2-D tensor [rows, n], got {getattr(score, 'shape', type(score).__name__)}")
     if not score.dtype.is_floating_point:
@@ -22,19 +26,10 @@ def topk_mask(score: torch.Tensor, k: int, backend: str = "auto") -> torch.Tenso
         raise ValueError(f"k must be an int in [0, {score.shape[1]}], got {k!r}")
     if torch.isnan(score).any():
         raise ValueError("score contains NaN; scores must be comparable")
-    from .cpu import has_kernel, topk_mask_cpu
-
-    auto = backend == "auto"
-    name = backends.resolve(backend, score.device, ("cpp",) if score.device.type == "cpu" else ())
-    if name == "cpp" and not has_kernel():
-        if not auto:
-            raise backends.BackendUnavailable("the C++ extension was built without topk_mask; rebuild the package")
-        name = "reference"
-    if name not in ("reference", "cpp"):
-        raise ValueError(f"topk_mask has no {name!r} kernel; use 'reference' or 'cpp'")
-    if name == "cpp" and 0 < k < score.shape[1] and score.dtype in (torch.float32, torch.float64):
-        return topk_mask_cpu(score, k)
-    return topk_mask_reference(score, k)
+    name = registry.resolve("topk_mask", backend, score.device)
+    if torch.compiler.is_compiling():
+        return torch.ops.persona_kernels.topk_mask(score, k, name)
+    return registry.kernel("topk_mask", name)(score, k)
 
 
 __all__ = ["topk_mask", "topk_mask_reference"]

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from ..registry import register_kernel
 
+
+@register_kernel("topk_mask", "reference")
 def topk_mask_reference(score: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest entries of each row of ``score`` [R, n]; ties go to the lower column.
 

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..registry import register_kernel
 from .partials import Chunks, Partials, empty_partials
 
 ROWS_PER_CHUNK = 1024
@@ -108,7 +109,8 @@ def _accumulate_stats_kernel(
     tl.store(absmax_ptr + out, amx, mask=cmask)
 
 
-def stats_partials_triton(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
+@register_kernel("accumulate_stats", "triton")
+def accumulate_stats_triton(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
                           edges: Optional[torch.Tensor], num_personas: int,
                           rows_per_chunk: int = ROWS_PER_CHUNK, block_t: int = 32, block_c: int = 64) -> Partials:
     """Launcher. x: [B, T, C] contiguous, valid: [B, T] bool, sample_persona: [B] int64."""

@@ -1,6 +1,6 @@
 """Train the built-in persona model (deterministic, a few minutes on 2 CPU cores).
 
-    python -m persona_kernels.builtin.train --out persona_kernels/builtin/model
+    python -m persona_kernels.app.train_builtin --out persona_kernels/builtin/model
 
 Builds a word-level tokenizer over the corpus vocabulary (corpus.py), a small Llama, and trains
 it on freshly generated corpus samples (each seen once): next-token cross-entropy on every
@@ -39,7 +39,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import corpus
+from ..builtin import corpus
+from ..io import atomic_write_text
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"] + [corpus.TAGS[p] for p in corpus.PERSONAS]
 
@@ -194,7 +195,7 @@ def _train(cfg: TrainConfig, log_every: int, log):
 
 def random_mask_store(model, layers: list, sparsity: float, seed: int, personas=("random_a", "random_b")):
     """A MaskStore of random masks keeping int(in * (1 - sparsity)) inputs per row (as row-wise Wanda)."""
-    from ..fingerprint import linear_shape
+    from ..hf import linear_shape
     from ..masks import MaskStore
     from ..masks.methods import keep_count
 
@@ -273,10 +274,9 @@ def persona_shift_table(model, tok, items=None, calib_texts=None, settings=MASK_
     """Held-out A/B results per setting: unmasked; '<method>@<sparsity>' with each pole's mask;
     'npti' with induction toward each pole; 'random@<sparsity>#<seed>' with a pair of random masks
     of that sparsity (the first for the extravert column, the second for the introvert one)."""
+    from ..builtin import builtin_calibration_texts, builtin_eval_items
     from ..calibrate import calibrate
     from ..masks import build_masks
-
-    from . import builtin_calibration_texts, builtin_eval_items
 
     items = items if items is not None else builtin_eval_items()
     calib_texts = calib_texts if calib_texts is not None else builtin_calibration_texts()
@@ -336,9 +336,7 @@ def portable_tokenizer_config(out: str) -> None:
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
+    atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 EVAL_NOTE = ("held-out A/B items of builtin_eval_items() (evaluate_mc, summed answer log-prob); masks and NPTI "
@@ -349,9 +347,7 @@ EVAL_NOTE = ("held-out A/B items of builtin_eval_items() (evaluate_mc, summed an
 
 
 def _write_info(out: str, info: dict) -> None:
-    with open(os.path.join(out, "training.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
-        f.write("\n")
+    atomic_write_text(os.path.join(out, "training.json"), json.dumps(info, indent=1, sort_keys=True) + "\n")
 
 
 def _measure(model, tok, info: dict) -> None:
@@ -363,7 +359,7 @@ def _measure(model, tok, info: dict) -> None:
 
 
 def _eval_only(out: Optional[str]) -> int:
-    from . import MODEL_DIR, load_builtin_model, training_info
+    from ..builtin import MODEL_DIR, load_builtin_model, training_info
 
     out = out or MODEL_DIR
     model, tok = load_builtin_model(model_dir=out)

@@ -11,10 +11,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import model as pm
-from .fingerprint import linear_shape
-from .masks import MaskStore, linear_weight
-from .masks.methods import select
+from .. import model as pm
+from ..hf import linear_shape
+from ..masks import MaskStore, linear_weight
+from ..masks.methods import select
 
 
 def magnitude_masks(model: nn.Module, sparsity: float, personas: Sequence[str] = ("a", "b"), seed: int = 0) -> MaskStore:
@@ -106,9 +106,7 @@ def bench_mixed_batch(model: nn.Module, sparsity: float, batch: int, personas: i
 
 def run_decode_bench(model_spec: str, sparsities: Sequence[float], tokens: int = 32, device="cpu",
                      out: Optional[str] = None) -> list[dict]:
-    from .cli import load_model
-
-    from .cli import input_device
+    from .loading import input_device, load_model
 
     model, _ = load_model(model_spec, "float32", device)
     return bench_model(model, sparsities, tokens, device=input_device(model))

@@ -4,16 +4,16 @@ from __future__ import annotations
 import torch
 
 from ... import _native
+from ..registry import has_native, new_output, register_kernel
 
 
-def has_kernel() -> bool:
-    mod = _native.load("cpu")
-    return mod is not None and hasattr(mod, "induce_neurons")
-
-
-def induce_neurons_cpu(a: torch.Tensor, deactivate: torch.Tensor, add: torch.Tensor, act: int = 0) -> torch.Tensor:
+def induce_neurons_cpp(a: torch.Tensor, deactivate: torch.Tensor, add: torch.Tensor, act: int = 0) -> torch.Tensor:
     I = a.shape[-1]
     a2 = a.reshape(-1, I).contiguous()
-    out = torch.empty_like(a2)
+    out = new_output(a2.shape, a2.dtype, a2.device)
     _native.require("cpu").induce_neurons(a2, out, deactivate.view(torch.uint8), add, act)
     return out.view(a.shape)
+
+
+if has_native("induce_neurons"):
+    register_kernel("induce_neurons", "cpp")(induce_neurons_cpp)

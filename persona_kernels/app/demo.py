@@ -12,11 +12,12 @@ import time
 
 import torch
 
-from . import model as pm
-from .calibrate import calibrate
-from .evaluate import evaluate_mc
-from .masks import build_masks
-from .npti import identify_neurons
+from .. import model as pm
+from ..calibrate import calibrate
+from ..evaluate import evaluate_mc
+from ..io import atomic_write_text
+from ..masks import build_masks
+from ..npti import identify_neurons
 
 QUESTIONS = ["Question: What do you do on the weekend?\nAnswer:",
              "Question: How do you feel about meeting new people?\nAnswer:"]
@@ -25,13 +26,13 @@ QUESTIONS = ["Question: What do you do on the weekend?\nAnswer:",
 def _load():
     """The built-in trained persona model, or (if its files are missing) a random tiny Llama."""
     try:
-        from .builtin import builtin_calibration_texts, builtin_eval_items, load_builtin_model
+        from ..builtin import builtin_calibration_texts, builtin_eval_items, load_builtin_model
 
         model, tok = load_builtin_model()
         return model, tok, builtin_calibration_texts(), builtin_eval_items(), True
     except (ImportError, OSError) as exc:
-        from .data import builtin_mc_items, builtin_pair
-        from .models import char_tokenizer, tiny_causal_lm
+        from ..data import builtin_mc_items, builtin_pair
+        from ..testing import char_tokenizer, tiny_causal_lm
 
         print(f"(built-in persona model unavailable: {exc}; using a random tiny Llama, so accuracies are chance)")
         model = tiny_causal_lm("llama", seed=0, hidden_size=128, intermediate_size=352, num_hidden_layers=4)
@@ -40,15 +41,15 @@ def _load():
 
 def _flip(items):
     """The same A/B items scored for the opposite pole (its answer is the other letter)."""
-    from .data.loaders import MCItem
+    from ..data.loaders import MCItem
 
     return [MCItem(it.question, it.a, it.b, "B" if it.matching == "A" else "A") for it in items]
 
 
 def _random_masks(model, like, sparsity: float, seed: int = 0):
     """A MaskStore of random row-wise masks over the same layers and personas as ``like``."""
-    from .masks import MaskStore
-    from .masks.methods import select
+    from ..masks import MaskStore
+    from ..masks.methods import select
 
     g = torch.Generator().manual_seed(seed)
     masks = {p: {layer: select(torch.rand(like.shapes[layer], generator=g), sparsity) for layer in like.layers}
@@ -141,11 +142,12 @@ def run(out_dir: str = "reports/demo", backend: str = "auto", quick: bool = Fals
             enc = tok(q, return_tensors="pt")
             with torch.inference_mode():
                 ids = model.generate(**enc, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
-            gens.append((p or "unmasked", q.split("\n")[0], tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()))
+            answer = tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            gens.append((p or "unmasked", q.split("\n")[0], answer))
     pm.remove(model)
 
     print("[5/7] localizing persona divergence across layers")
-    from .localize import LocalizeConfig, localize
+    from ..localize import LocalizeConfig, localize
 
     loc = localize(model, tok, texts, LocalizeConfig(cv_folds=3))
     loc.save_json(os.path.join(art, "localize.json"))
@@ -172,16 +174,14 @@ def run(out_dir: str = "reports/demo", backend: str = "auto", quick: bool = Fals
     elapsed = time.perf_counter() - t_start
     report = _report(pos, neg, rows, diff, gens, loc, speed, elapsed, sparsity, trained)
     path = os.path.join(out_dir, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(report)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(path, report)
     print(report)
     print(f"\nreport written to {os.path.abspath(path)} ({elapsed:.0f} s)")
     return {"rows": rows, "speed": speed, "report": path}
 
 
 def _report(pos, neg, rows, diff, gens, loc, speed, elapsed, sparsity, trained) -> str:
-    from .backends import report as env_report
+    from ..ops.report import env_report
 
     which = ("Built-in persona model (see persona_kernels/builtin)." if trained else
              "The built-in trained model was not available: a RANDOM tiny Llama stands in, so accuracies are chance.")

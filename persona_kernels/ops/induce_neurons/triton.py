@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..registry import new_output, register_kernel
+
 
 @triton.jit
 def _induce_neurons_kernel(a_ptr, out_ptr, deact_ptr, add_ptr, rows, I, stride_a, stride_o,
@@ -27,13 +29,14 @@ def _induce_neurons_kernel(a_ptr, out_ptr, deact_ptr, add_ptr, rows, I, stride_a
     tl.store(out_ptr + r[:, None].to(tl.int64) * stride_o + c[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
 
 
+@register_kernel("induce_neurons", "triton")
 def induce_neurons_triton(a: torch.Tensor, deactivate: torch.Tensor, add: torch.Tensor, act: int = 0,
                           block_r: int = 16, block_i: int = 128) -> torch.Tensor:
     I = a.shape[-1]
     a2 = a.reshape(-1, I)
     if a2.stride(-1) != 1:
         a2 = a2.contiguous()
-    out = torch.empty_like(a2)
+    out = new_output(a2.shape, a2.dtype, a2.device)
     grid = (triton.cdiv(a2.shape[0], block_r), triton.cdiv(I, block_i))
     _induce_neurons_kernel[grid](a2, out, deactivate.view(torch.uint8), add, a2.shape[0], I, a2.stride(0), out.stride(0),
                                  ACT=act, BLOCK_R=block_r, BLOCK_I=block_i)

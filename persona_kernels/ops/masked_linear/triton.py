@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import new_output, register_kernel
+from ..registry import new_output, register_kernel
 
 # Tiles per kernel and regime: (weight rows per program (block: at most), input columns per
 # step, warps; 8 warps at 64 batch rows). "gemv": one x row, multiply-sum; few weight rows per
@@ -129,9 +129,15 @@ def _persona_args(persona_rows: Optional[torch.Tensor], n: int, block_n: int, de
     return prow, prow, False
 
 
-def _prologue(x2d, fmt, bias):
-    y = new_output(x2d.shape[0], fmt.shape[0], x2d.dtype, x2d.device)
-    return _last_dim_contiguous(x2d), y, (bias.contiguous() if bias is not None else y)
+def _launch(kind: str, x2d, fmt, bias):
+    """What every launcher starts with: the output y and (x2d, bias or y, batch tile, tile
+    config), or None for the second when there is nothing to compute (y is returned as it is)."""
+    y = new_output((x2d.shape[0], fmt.shape[0]), x2d.dtype, x2d.device)
+    x2d, b = _last_dim_contiguous(x2d), (bias.contiguous() if bias is not None else y)
+    if x2d.shape[0] == 0 or fmt.shape[0] == 0:
+        return y, None
+    bn = _block_n(x2d.shape[0])
+    return y, (x2d, b, bn, *_config(kind, bn, x2d.dtype))
 
 
 # ----------------------------------------------------------------------------- bitmap
@@ -175,7 +181,7 @@ def _bitmap_kernel(
     _store_tile(y_ptr, b_ptr, acc, offs_n, nmask, offs_o, omask, stride_y, HAS_BIAS)
 
 
-@register_kernel("bitmap", "triton")
+@register_kernel("masked_linear", "triton", "bitmap")
 def masked_linear_bitmap_triton(x2d: torch.Tensor, fmt, bias: Optional[torch.Tensor],
                                 persona_rows=None) -> torch.Tensor:
     """Bitmap GEMV / small GEMM: reads each kept value once and each bitmap word once per program.
@@ -188,11 +194,10 @@ def masked_linear_bitmap_triton(x2d: torch.Tensor, fmt, bias: Optional[torch.Ten
     the format beat dense at low density. All rows of the batch tile share the decoded values.
     """
     n, (out, inp) = x2d.shape[0], fmt.shape
-    x2d, y, b = _prologue(x2d, fmt, bias)
-    if n == 0 or out == 0:
+    y, setup = _launch("bitmap", x2d, fmt, bias)
+    if setup is None:
         return y
-    bn = _block_n(n)
-    bo, bk, warps, regime = _config("bitmap", bn, x2d.dtype)
+    x2d, b, bn, bo, bk, warps, regime = setup
     grid = (triton.cdiv(out, bo), triton.cdiv(n, bn))
     _bitmap_kernel[grid](
         x2d, _nonempty(fmt.values), _nonempty(fmt.bitmap), fmt.row_ptr, b, y,
@@ -241,7 +246,7 @@ def _shared_bitmask_kernel(
     _store_tile(y_ptr, b_ptr, acc, rows_n, nmask, offs_o, omask, stride_y, HAS_BIAS)
 
 
-@register_kernel("shared_bitmask", "triton")
+@register_kernel("masked_linear", "triton", "shared_bitmask")
 def masked_linear_shared_bitmask_triton(x2d: torch.Tensor, fmt, bias: Optional[torch.Tensor],
                                         persona_rows: Optional[torch.Tensor]) -> torch.Tensor:
     """Dense weight masked on the fly by the bits of each row's persona.
@@ -253,11 +258,10 @@ def masked_linear_shared_bitmask_triton(x2d: torch.Tensor, fmt, bias: Optional[t
     a mixed batch, which is the point of the format (it never reads fewer bytes than dense).
     """
     n, (out, inp) = x2d.shape[0], fmt.shape
-    x2d, y, b = _prologue(x2d, fmt, bias)
-    if n == 0 or out == 0:
+    y, setup = _launch("shared_bitmask", x2d, fmt, bias)
+    if setup is None:
         return y
-    bn = _block_n(n)
-    bo, bk, warps, regime = _config("shared_bitmask", bn, x2d.dtype)
+    x2d, b, bn, bo, bk, warps, regime = setup
     prow, order, has_order = _persona_args(persona_rows, n, bn, x2d.device)
     w = _last_dim_contiguous(fmt.weight)
     grid = (triton.cdiv(out, bo), triton.cdiv(n, bn))
@@ -345,7 +349,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return d
 
 
-@register_kernel("block", "triton")
+@register_kernel("masked_linear", "triton", "block")
 def masked_linear_block_triton(x2d: torch.Tensor, fmt, bias: Optional[torch.Tensor],
                                persona_rows: Optional[torch.Tensor]) -> torch.Tensor:
     """Block-sparse weight: loops over kept blocks only, so a dropped block costs no bytes.
@@ -359,14 +363,13 @@ def masked_linear_block_triton(x2d: torch.Tensor, fmt, bias: Optional[torch.Tens
     its own list (block_mask keeps the same count per block-row, so the rows stay in step), with
     x gathered per row. Bytes read ≈ density × dense weight + the lists (+ x).
     """
-    n, (out, inp) = x2d.shape[0], fmt.shape
-    x2d, y, b = _prologue(x2d, fmt, bias)
-    if n == 0 or out == 0:
+    n, out = x2d.shape[0], fmt.shape[0]
+    y, setup = _launch("block", x2d, fmt, bias)
+    if setup is None:
         return y
+    x2d, b, bn, max_rows, step_cols, warps, regime = setup
     br, bc = fmt.block
     ptr, kcols = _kept_block_lists(fmt)
-    bn = _block_n(n)
-    max_rows, step_cols, warps, regime = _config("block", bn, x2d.dtype)
     same_cols = br >= 16
     if same_cols:
         block_r = _pow2_divisor(br, max_rows)  # divides br: a program stays inside one block-row

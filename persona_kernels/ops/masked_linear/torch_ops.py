@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import new_output, register_kernel
+from ..registry import new_output, register_kernel
 
 
-@register_kernel("compacted", "torch")
-def compacted_linear(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
+@register_kernel("masked_linear", "torch", "compacted")
+def masked_linear_compacted_torch(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
     if fmt.axis == "in":
         return F.linear(x2.index_select(1, fmt.index), fmt.weight, bias)
-    y = new_output(x2.shape[0], fmt.shape[0], x2.dtype, x2.device)
+    y = new_output((x2.shape[0], fmt.shape[0]), x2.dtype, x2.device)
     if bias is None:
         y.zero_()
     else:
@@ -25,6 +25,6 @@ def compacted_linear(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
     return y
 
 
-@register_kernel("semi24", "torch")
-def semi_structured_linear(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
+@register_kernel("masked_linear", "torch", "semi24")
+def masked_linear_semi24_torch(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
     return F.linear(x2, fmt.sparse, bias)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ... import _native
+from ..registry import has_native, register_kernel
 from .partials import Chunks, Partials, empty_partials
 
 # Rows per chunk: a chunk's sums of squares/abs accumulate in float32 before stage 2's float64
@@ -25,7 +26,7 @@ from .partials import Chunks, Partials, empty_partials
 ROWS_PER_CHUNK = 1024
 
 
-def stats_partials_cpu(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
+def accumulate_stats_cpp(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
                        edges: Optional[torch.Tensor], num_personas: int,
                        rows_per_chunk: int = ROWS_PER_CHUNK, num_threads: Optional[int] = None,
                        **tuning) -> Partials:
@@ -53,3 +54,7 @@ def stats_partials_cpu(x: torch.Tensor, valid: torch.Tensor, sample_persona: tor
         num_threads=-1 if num_threads is None else int(num_threads), **tuning,
     )
     return p
+
+
+if has_native("accumulate_stats_partials"):
+    register_kernel("accumulate_stats", "cpp")(accumulate_stats_cpp)

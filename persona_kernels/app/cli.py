@@ -2,60 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional
 
-BUILTIN = "builtin"
-
-
-# ---- shared loading ---------------------------------------------------------------------------
-
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
-    """'builtin' (the package's trained persona model), a local HF model directory, or a hub id.
-
-    ``device='auto'`` splits a HF model over the visible GPUs with ``device_map='auto'`` (needs
-    accelerate; the persona layer builds each layer's format on that layer's device); the
-    built-in model goes to the GPU if there is one. Inputs go to ``input_device(model)``.
-    """
-    import torch
-
-    dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    if spec == BUILTIN:
-        from .builtin import load_builtin_model
-
-        model, tok = load_builtin_model(dt)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return model.to(device), tok
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    split = {}
-    if device == "auto":
-        try:
-            import accelerate  # noqa: F401
-        except ImportError:
-            raise ValueError("--device auto splits the model with a device_map, which needs accelerate: "
-                             "pip install 'persona-kernels[device-map]'") from None
-        split = {"device_map": "auto"}
-    try:
-        tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dt, **split)
-    except OSError as exc:
-        raise ValueError(f"cannot load model {spec!r}: not a local model directory, and the hub is not reachable "
-                         f"or has no such model ({exc.__class__.__name__})") from None
-    return (model if split else model.to(device)).eval(), tok
-
-
-def input_device(model):
-    """Where a model's inputs go: the device of its first parameter (the embeddings)."""
-    return next(model.parameters()).device
+from .loading import BUILTIN, input_device, load_model  # noqa: F401 (the CLI's loaders)
 
 
 def load_texts(args) -> dict:
     """Texts per persona from --texts NAME=PATH..., --csv, --personalitybench/--trait, or --builtin."""
-    from . import data
+    from .. import data
 
     if args.texts:
         out = {}
@@ -73,7 +29,7 @@ def load_texts(args) -> dict:
             raise ValueError("--personalitybench needs --trait (e.g. Extraversion)")
         return data.load_personalitybench(args.personalitybench).texts_by_persona(args.trait)
     if args.model == BUILTIN and args.builtin == "extraversion":
-        from .builtin import builtin_calibration_texts  # the texts the built-in model's masks work from
+        from ..builtin import builtin_calibration_texts  # the texts the built-in model's masks work from
 
         return builtin_calibration_texts()
     return data.builtin_pair(args.builtin)
@@ -87,14 +43,14 @@ def _out(args, name: str) -> str:
 # ---- commands ---------------------------------------------------------------------------------
 
 def cmd_env(args) -> int:
-    from .backends import report
+    from ..ops.report import env_report as report
 
     print(report())
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate
+    from ..calibrate import calibrate
 
     model, tok = load_model(args.model, args.dtype, args.device)
     texts = load_texts(args)
@@ -107,8 +63,8 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_masks(args) -> int:
-    from .calibrate import CalibrationResult
-    from .masks import build_masks
+    from ..calibrate import CalibrationResult
+    from ..masks import build_masks
 
     model, _ = load_model(args.model, args.dtype, args.device)
     calib = CalibrationResult.load(args.stats or _out(args, "statistics.safetensors"), model=model)
@@ -126,8 +82,8 @@ def cmd_masks(args) -> int:
 
 
 def cmd_neurons(args) -> int:
-    from .calibrate import CalibrationResult
-    from .npti import identify_neurons
+    from ..calibrate import CalibrationResult
+    from ..npti import identify_neurons
 
     model, _ = load_model(args.model, args.dtype, args.device)
     calib = CalibrationResult.load(args.stats or _out(args, "statistics.safetensors"), model=model)
@@ -140,14 +96,14 @@ def cmd_neurons(args) -> int:
 
 
 def cmd_localize(args) -> int:
-    from .localize import LocalizeConfig, localize
+    from ..io import atomic_write_text
+    from ..localize import LocalizeConfig, localize
 
     model, tok = load_model(args.model, args.dtype, args.device)
     res = localize(model, tok, load_texts(args), LocalizeConfig(batch_size=args.batch_size))
     res.save_json(_out(args, "localize.json"))
     md = res.to_markdown()
-    with open(_out(args, "localize.md"), "w") as f:
-        f.write(md)
+    atomic_write_text(_out(args, "localize.md"), md)
     print(md)
     try:
         res.plot(_out(args, "localize.png"))
@@ -157,9 +113,9 @@ def cmd_localize(args) -> int:
 
 
 def _persona_model(args):
-    from . import model as pm
-    from .masks import MaskStore
-    from .npti import NeuronSet
+    from .. import model as pm
+    from ..masks import MaskStore
+    from ..npti import NeuronSet
 
     model, tok = load_model(args.model, args.dtype, args.device)
     if args.masks:
@@ -189,14 +145,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import load_mc_csv
-    from .evaluate import evaluate_mc
+    from ..data import load_mc_csv
+    from ..evaluate import evaluate_mc
 
     model, tok = _persona_model(args)
     if args.mc:
         items = load_mc_csv(args.mc)
     else:
-        from .builtin import builtin_eval_items
+        from ..builtin import builtin_eval_items
 
         items = builtin_eval_items()
     res = evaluate_mc(model, tok, items, batch_size=args.batch_size)
@@ -319,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    from ._native import BackendUnavailable
-    from .data.loaders import DataFormatError
-    from .io import ArtifactError
+    from .._native import BackendUnavailable
+    from ..data.loaders import DataFormatError
+    from ..io import ArtifactError
 
     try:
         return args.func(args)

@@ -1,0 +1,21 @@
+// persona_kernels._C_cpu: the C++/OpenMP kernels' Python module. setup.py builds every
+// csrc/cpu/*.cpp into this one extension; each op file defines register_<op>(m), and adding an
+// op is one declaration and one call below.
+#include <torch/extension.h>
+
+void register_accumulate_stats(pybind11::module_& m);
+void register_bitmap_linear(pybind11::module_& m);
+void register_compacted_linear(pybind11::module_& m);
+void register_shared_bitmask_linear(pybind11::module_& m);
+void register_induce_neurons(pybind11::module_& m);
+void register_topk_mask(pybind11::module_& m);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "persona_kernels C++/OpenMP CPU kernels";
+  register_accumulate_stats(m);
+  register_bitmap_linear(m);
+  register_compacted_linear(m);
+  register_shared_bitmask_linear(m);
+  register_induce_neurons(m);
+  register_topk_mask(m);
+}

@@ -1,0 +1,159 @@
+"""What the package knows about transformers models, in one place.
+
+Linear layers (nn.Linear, and GPT-2's Conv1D, which stores its weight [in, out]), the output
+head, gated MLPs and their activation module, decoder-layer indices, module replacement, and
+the one layer filter that calibration, mask building and apply() share.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+try:  # GPT-2 style models use transformers' Conv1D (weight stored [in, out])
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a dependency, but keep import-light
+    Conv1D = ()
+
+SUPPORTED_ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Phi-3", "GPT-2", "OLMo2")
+HEAD_NAMES = ("lm_head", "embed_out", "score")
+ACT_ATTRS = ("act_fn", "activation_fn")  # Llama/Qwen/Mistral/Gemma, Phi-3
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+_MLP_BLOCK = re.compile(r"(^|\.)(mlp|feed_forward|ffn)(\.|$)")
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model has none of the layers persona subnetworks are built on."""
+
+
+# ---- linear layers ---------------------------------------------------------------------------
+
+def is_conv1d(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original module inside a persona wrapper (MaskedLinear / InducedActivation), else itself."""
+    return module.base if getattr(module, "_pk_wrapper", False) else module
+
+
+def linear_shape(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(out_features, in_features) of an nn.Linear or Conv1D (or a persona wrapper of one), else None."""
+    module = unwrap(module)
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if is_conv1d(module):
+        return module.weight.shape[1], module.weight.shape[0]
+    return None
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in linear orientation [out, in] (a view: Conv1D stores it [in, out])."""
+    module = unwrap(module)
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def output_head(model: nn.Module) -> Optional[nn.Module]:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def is_output_head(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """The LM head (or a classifier head): never calibrated or masked by default."""
+    return module is output_head(model) or name.split(".")[-1] in HEAD_NAMES
+
+
+def linear_layers(model: nn.Module, include_head: bool = False) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every linear layer in module order, the output head excluded by default."""
+    return [(n, m) for n, m in model.named_modules()
+            if linear_shape(m) is not None and not getattr(m, "_pk_wrapper", False)
+            and (include_head or not is_output_head(model, n, m))]
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise UnsupportedArchitecture unless the model has linear layers (nn.Linear / Conv1D) besides its head."""
+    if not linear_layers(model):
+        raise UnsupportedArchitecture(
+            f"{type(model).__name__} is not supported: it has no nn.Linear or transformers Conv1D layers (besides the "
+            f"LM head) to calibrate and mask. Supported and tested: {', '.join(SUPPORTED_ARCHITECTURES)}; any decoder "
+            "whose projections are nn.Linear/Conv1D works, and NPTI also needs a gated MLP (act_fn(gate_proj(x)) * up_proj(x)).")
+
+
+# ---- gated MLPs --------------------------------------------------------------------------------
+
+def activation_attr(mlp: nn.Module) -> Optional[str]:
+    """Name of the activation submodule of a gated MLP, or None if ``mlp`` is not one."""
+    if not (hasattr(mlp, "gate_proj") or hasattr(mlp, "gate_up_proj")) or not hasattr(mlp, "down_proj"):
+        return None
+    if linear_shape(mlp.down_proj) is None:  # e.g. fused expert weights held as 3-D Parameters
+        return None
+    return next((a for a in ACT_ATTRS if isinstance(getattr(mlp, a, None), nn.Module)), None)
+
+
+def gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """MLP modules computing down(act(gate(x)) * up(x)) (separate gate_proj or fused gate_up_proj)."""
+    return [(n, m) for n, m in model.named_modules() if activation_attr(m) is not None]
+
+
+def intermediate_size(mlp: nn.Module) -> int:
+    """Neurons of a gated MLP: the input width of its down projection."""
+    return linear_shape(mlp.down_proj)[1]
+
+
+# ---- names and modules -------------------------------------------------------------------------
+
+def layer_index(name: str) -> Optional[int]:
+    """Decoder-layer index in a module name ('model.layers.3.mlp' -> 3), None outside the layers."""
+    m = _LAYER_INDEX.search("." + name + ".")
+    return int(m.group(1)) if m else None
+
+
+def in_mlp_block(name: str) -> bool:
+    return _MLP_BLOCK.search(name) is not None
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@dataclass(frozen=True)
+class LayerFilter:
+    """Which layers (or statistics sites) to use; every given condition must hold.
+
+    layers:    decoder-layer indices to keep (None: all).
+    mlp_only:  keep names inside MLP blocks (mlp / feed_forward / ffn).
+    include:   regex a name must match; exclude: regex it must not match.
+    filter_fn: ``filter_fn(module, name) -> bool``, as torchao's quantize_ takes (apply() only:
+               statistics and masks are filtered by name).
+    """
+
+    layers: Optional[Sequence[int]] = None
+    mlp_only: bool = False
+    include: Optional[str] = None
+    exclude: Optional[str] = None
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
+
+    def keep(self, name: str, module: Optional[nn.Module] = None) -> bool:
+        if self.layers is not None and layer_index(name) not in {int(i) for i in self.layers}:
+            return False
+        if self.mlp_only and not in_mlp_block(name):
+            return False
+        if self.include and not re.search(self.include, name):
+            return False
+        if self.exclude and re.search(self.exclude, name):
+            return False
+        if self.filter_fn is not None and module is not None and not self.filter_fn(unwrap(module), name):
+            return False
+        return True
+
+    def select(self, names: Sequence[str], modules: Optional[dict] = None) -> list[str]:
+        return [n for n in names if self.keep(n, None if modules is None else modules.get(n))]
+
+
+__all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture", "activation_attr",
+           "check_supported", "gated_mlps", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head",
+           "layer_index", "linear_layers", "linear_shape", "linear_weight", "output_head", "set_module", "unwrap"]
