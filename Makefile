@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.persona-kernels-installed
 NATIVE_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench cuda-check env clean
+.PHONY: install test lint demo bench gpu-check cuda-check env clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_accumulate_stats.py
+
+# The one prepared GPU run (a lent GPU machine): build CUDA in place, GPU tests, every kernel
+# timed; results under $(OUT) (default gpu-suite-out/). `make test` runs its CPU dry run.
+OUT ?= gpu-suite-out
+gpu-check:
+	OUT=$(OUT) bash benchmarks/gpu_suite.sh
 
 # Compile (no link) every CUDA source for Hopper with register/spill reports; needs only nvcc.
 cuda-check:

@@ -7,6 +7,7 @@
 Environment:
   PERSONA_KERNELS_NO_NATIVE=1   skip every native build (reference/Triton paths only)
   PERSONA_KERNELS_NO_CUDA=1     skip the CUDA build
+  PERSONA_KERNELS_NO_CPU=1      skip the C++ CPU build (the GPU suite builds only CUDA)
   PERSONA_KERNELS_CPU_FLAGS     extra/replacement arch flags for the CPU build (default -march=native)
   PERSONA_KERNELS_CUDA_ARCH     nvcc -gencode list, default sm_90 (Hopper) + sm_80 + PTX
 
@@ -52,7 +53,9 @@ def _native_extensions(status):
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     exts = []
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    if cpu_sources:
+    if _truthy("PERSONA_KERNELS_NO_CPU"):
+        status["cpu"] = "skipped: PERSONA_KERNELS_NO_CPU is set"
+    elif cpu_sources:
         exts.append(CppExtension(
             "persona_kernels._C_cpu", cpu_sources,
             extra_compile_args=["-O3", *openmp, *cpu_flags],

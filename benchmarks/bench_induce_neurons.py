@@ -23,15 +23,8 @@ from persona_kernels.ops.induce_neurons import induce_neurons, induce_neurons_re
 from common import copy_bandwidth, machine, print_table, time_fn  # noqa: E402
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    shapes = [(64, 1024)] if args.quick else [(1, 14336), (16, 14336), (2048, 14336)]
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    bw = copy_bandwidth(256 << 20 if not args.quick else 1 << 20, dev)
+def bench_op(shapes, dtype, dev: torch.device, copy_bw: float) -> list[dict]:
+    """Rows per (shape, act, backend): time, eager baseline and the unfused (act, then edit) path."""
     rows = []
     for n, i in shapes:
         a = torch.randn(n, i, device=dev, dtype=dtype)
@@ -47,7 +40,20 @@ def main(argv=None):
                 t_unfused = t if act is None else time_fn(lambda: induce_neurons(F.silu(a), deact, add, backend=name), dev)
                 rows.append(dict(shape=f"{n}x{i}", dtype=str(dtype).split(".")[-1], act=act or "-", backend=name,
                                  ms=f"{t * 1e3:.3f}", eager_ms=f"{t_eager * 1e3:.3f}", speedup=f"{t_eager / t:.2f}",
-                                 vs_unfused=f"{t_unfused / t:.2f}", of_copy_bw=f"{nbytes / t / bw:.0%}"))
+                                 vs_unfused=f"{t_unfused / t:.2f}", of_copy_bw=f"{nbytes / t / copy_bw:.0%}"))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    shapes = [(64, 1024)] if args.quick else [(1, 14336), (16, 14336), (2048, 14336)]
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    bw = copy_bandwidth(256 << 20 if not args.quick else 1 << 20, dev)
+    rows = bench_op(shapes, dtype, dev, bw)
     print(f"# induce_neurons on {machine()} (copy bandwidth {bw / 1e9:.1f} GB/s)")
     print_table(rows, ["shape", "dtype", "act", "backend", "ms", "eager_ms", "speedup", "vs_unfused", "of_copy_bw"])
     return rows

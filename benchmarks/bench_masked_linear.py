@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from persona_kernels.formats import BitmapWeight, CompactedWeight, SharedBitmask  # noqa: E402
-from persona_kernels.masks.methods import select  # noqa: E402
+from persona_kernels.formats import BitmapWeight, BlockSparseWeight, CompactedWeight, SharedBitmask  # noqa: E402
+from persona_kernels.masks.methods import block_mask, select  # noqa: E402
 from persona_kernels.ops.masked_linear import (  # noqa: E402
     available_backends,
     dispatch,  # noqa: E402
@@ -45,10 +45,14 @@ def make_formats(w: torch.Tensor, sparsity: float, device):
     keep_rows = torch.zeros(w.shape[0], dtype=torch.bool, device=device)
     keep_rows[: int(round(w.shape[0] * (1 - sparsity)))] = True
     out["compacted"] = CompactedWeight.from_dense(w, keep_rows[:, None].expand_as(w).contiguous())
+    if w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0:  # 16x16 blocks of the same scores
+        out["block"] = BlockSparseWeight.from_dense(w, block_mask(score, (16, 16), sparsity).to(device).unsqueeze(0), (16, 16))
     return out
 
 
-def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=print, formats=None):
+def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=print, formats=None, dispatched=False):
+    """Rows per (shape, sparsity, batch, format, backend); ``dispatched`` adds backend 'auto' (the
+    dispatcher's route, what a persona model runs) for each format."""
     rows = []
     for (o, i) in shapes:
         w = torch.randn(o, i, dtype=dtype, device=device)
@@ -61,12 +65,14 @@ def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=pr
                 for name, fmt in fmts.items():
                     if formats and name not in formats:
                         continue
-                    for backend in available_backends(fmt, torch.device(device)):
+                    names = available_backends(fmt, torch.device(device)) + (["auto"] if dispatched else [])
+                    for backend in names:
                         if backend == "reference":
                             continue  # the reference re-densifies: not a kernel worth timing
-                        if backends_wanted and backend not in backends_wanted and backend != "torch":
+                        if backends_wanted and backend not in backends_wanted and backend not in ("torch", "auto"):
                             continue
-                        t = time_fn(lambda: masked_linear(x, fmt, persona=0 if name == "shared_bitmask" else None,
+                        multi = name in ("shared_bitmask", "block")
+                        t = time_fn(lambda: masked_linear(x, fmt, persona=0 if multi else None,
                                                           backend=backend), torch.device(device))
                         ideal = dense_bytes / fmt.nbytes()
                         rows.append(dict(shape=f"{o}x{i}", sparsity=s, batch=b, format=name, backend=backend,
@@ -74,6 +80,8 @@ def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=pr
                                          of_ideal=(t_dense / t) / ideal, GBps=fmt.nbytes() / t / 1e9,
                                          dense_GBps=dense_bytes / t_dense / 1e9,
                                          persona_MB=(fmt.persona_nbytes() if name == "shared_bitmask" else fmt.nbytes()) / 2**20))
+                        if backend == "auto":
+                            rows[-1]["route"] = dispatch.choose(fmt, x, mixed=False)
                         log(f"{o}x{i} s={s:.0%} b={b} {name}/{backend}: {t * 1e3:.3f} ms, dense {t_dense * 1e3:.3f} ms, "
                             f"{t_dense / t:.2f}x (ideal {ideal:.2f}x)")
     return rows
@@ -94,7 +102,7 @@ def crossover(rows, worst: float = 0.9) -> dict:
 
     table = {}
     for fmt in sorted({r["format"] for r in rows}):
-        sel = [r for r in rows if r["format"] == fmt and r["sparsity"] >= 0.5 and r["backend"] not in ("torch", "reference")]
+        sel = [r for r in rows if r["format"] == fmt and r["sparsity"] >= 0.5 and r["backend"] not in ("torch", "reference", "auto")]
         if not sel:
             continue
         best_backend = max(sel, key=lambda r: r["speedup"])["backend"]

@@ -1,0 +1,256 @@
+"""The measuring half of the GPU suite (benchmarks/gpu_suite.sh): ceilings, every kernel at
+Llama-3-8B layer shapes in bf16, end-to-end decode with and without CUDA graphs.
+
+Writes under --out: gpu_results.json (every row, the ceilings, the machine), gpu_table.md (the
+summary RESULTS.md takes), crossover_gpu.json (entries in crossover.json's format, for
+``--merge-crossover``), and prints the short table last. Each section runs inside a time budget;
+a section that fails or runs out of time is reported as such and the others still run.
+
+--dry (GPU_SUITE_DRY=1): tiny shapes on the CPU, Triton through the interpreter, host timers;
+the same code paths, so `make test` keeps the script from rotting between GPU sessions.
+
+  python benchmarks/gpu_bench.py --out /tmp/gpu            # on the GPU machine
+  python benchmarks/gpu_bench.py --dry --out /tmp/gpu-dry  # anywhere
+  python benchmarks/gpu_bench.py --merge-crossover crossover_gpu.json   # here, after a GPU run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # the benchmarks, and the package built in place (no install)
+import bench_accumulate_stats  # noqa: E402
+import bench_induce_neurons  # noqa: E402
+import bench_masked_linear  # noqa: E402
+from bench_e2e_decode import llama3_8b_shaped  # noqa: E402
+
+from persona_kernels import model as pm  # noqa: E402
+from persona_kernels.app.bench import magnitude_masks  # noqa: E402
+from persona_kernels.ops.masked_linear import dispatch  # noqa: E402
+
+from common import copy_bandwidth, machine, time_fn  # noqa: E402
+
+
+def plan(dry: bool) -> dict:
+    """Shapes and settings: the full GPU plan, or tiny ones for the CPU dry run."""
+    if dry:
+        return dict(device="cpu", dtype=torch.float32, copy_bytes=8 << 20, gemm=256, stats_shapes=[(512, 256)],
+                    stats_backends=["cpp", "reference"], ml_backends=["cpp"], ml_shapes=[(64, 128)], sparsities=[0.5, 0.9], batches=[1, 16],
+                    induce_shapes=[(16, 256)], e2e_layers=1, e2e_quick=True, e2e_tokens=4, e2e_sparsities=[0.7])
+    return dict(device="cuda", dtype=torch.bfloat16, copy_bytes=1 << 30, gemm=8192,
+                stats_shapes=[(16384, 4096), (16384, 14336)], stats_backends=["cuda", "triton"], ml_backends=None,
+                ml_shapes=bench_masked_linear.LLAMA3_8B, sparsities=[0.3, 0.5, 0.7, 0.9], batches=[1, 4, 16, 64],
+                induce_shapes=[(1, 14336), (16, 14336), (2048, 14336)], e2e_layers=4, e2e_quick=False, e2e_tokens=64,
+                e2e_sparsities=[0.5, 0.7])
+
+
+def ceilings(p: dict) -> dict:
+    dev = torch.device(p["device"])
+    copy = copy_bandwidth(p["copy_bytes"], dev)
+    n = p["gemm"]
+    a = torch.randn(n, n, device=dev, dtype=p["dtype"])
+    b = torch.randn(n, n, device=dev, dtype=p["dtype"])
+    t = time_fn(lambda: a @ b, dev)
+    return {"copy_GBps": copy / 1e9, "gemm_TFLOPs": 2 * n ** 3 / t / 1e12, "gemm_shape": n, "dtype": str(p["dtype"])}
+
+
+def accumulate(p: dict) -> list[dict]:
+    rows, _ = bench_accumulate_stats.bench_op(p["stats_shapes"], [p["dtype"]], torch.device(p["device"]), p["stats_backends"])
+    return rows
+
+
+def masked_linear(p: dict) -> list[dict]:
+    return bench_masked_linear.run(p["ml_shapes"], p["sparsities"], p["batches"], p["dtype"], p["device"], p["ml_backends"],
+                                   formats=["bitmap", "shared_bitmask", "compacted", "block"], dispatched=True,
+                                   log=lambda *a: None)
+
+
+def induce(p: dict, copy_GBps: float) -> list[dict]:
+    return bench_induce_neurons.bench_op(p["induce_shapes"], p["dtype"], torch.device(p["device"]), copy_GBps * 1e9)
+
+
+@torch.inference_mode()
+def step_times(model, dev: torch.device, graphs: bool) -> float:
+    """Seconds per decode step of 1 token at batch 1 without a KV cache (the weight-streaming part
+    of a step), eagerly or replayed from a CUDA graph captured once."""
+    ids = torch.full((1, 1), 5, dtype=torch.long, device=dev)
+    run = lambda: model(input_ids=ids, use_cache=False).logits  # noqa: E731
+    if not graphs:
+        return time_fn(run, dev)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return time_fn(graph.replay, dev)
+
+
+def e2e(p: dict) -> list[dict]:
+    from persona_kernels.app.bench import decode_tokens_per_s
+
+    dev = torch.device(p["device"])
+    model = llama3_8b_shaped(p["e2e_layers"], p["dtype"], p["device"], p["e2e_quick"])
+    rows = []
+    dense = {"tok_s": decode_tokens_per_s(model, p["e2e_tokens"], device=dev, reps=3), "step": step_times(model, dev, False)}
+    if dev.type == "cuda":
+        dense["step_graph"] = step_times(model, dev, True)
+    rows.append({"sparsity": 0.0, "format": "dense", **dense})
+    for s in p["e2e_sparsities"]:
+        store = magnitude_masks(model, s)
+        pm.apply(model, store, persona=store.personas[0])
+        try:
+            r = {"sparsity": s, "format": "persona (auto)", "tok_s": decode_tokens_per_s(model, p["e2e_tokens"], device=dev, reps=3),
+                 "step": step_times(model, dev, False)}
+            if dev.type == "cuda":
+                try:
+                    r["step_graph"] = step_times(model, dev, True)
+                except Exception as exc:  # noqa: BLE001 - a capture failure is a result to report
+                    r["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            pm.remove(model)
+        rows.append(r)
+    for r in rows:
+        r["speedup_tok_s"] = r["tok_s"] / dense["tok_s"]
+        r["speedup_step"] = dense["step"] / r["step"]
+        if "step_graph" in r and "step_graph" in dense:
+            r["speedup_step_graph"] = dense["step_graph"] / r["step_graph"]
+    return rows
+
+
+def gpu_crossover(rows: list[dict], dtype: torch.dtype, device_cls: str) -> dict:
+    return {device_cls: {dispatch.table_key(k, dtype): v for k, v in bench_masked_linear.crossover(rows).items()}}
+
+
+def summary(res: dict) -> str:
+    """The markdown table RESULTS.md takes: one line per kernel family, best and worst cases."""
+    lines = [f"GPU suite on {res['machine']} ({res['date']}, torch {res['torch']}, triton {res['triton']})", ""]
+    c = res.get("ceilings") or {}
+    if c:
+        lines.append(f"ceilings: copy {c['copy_GBps']:.0f} GB/s (read + write), {c['dtype']} GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s "
+                     f"({c['gemm_shape']}^3)")
+        lines.append("")
+    lines += ["| kernel | setting | result |", "|---|---|---|"]
+    for r in res.get("accumulate_stats") or []:
+        if r["backend"] != "eager multi-op":
+            lines.append(f"| accumulate_stats {r['backend']} | {r['shape']} {r['dtype']} | {r['ms']} ms, "
+                         f"{r['GBps']} GB/s = {r['of_copy_bw']} of copy, {r['speedup']}x eager |")
+    ml = res.get("masked_linear") or []
+    for fmt in ("bitmap", "compacted", "shared_bitmask", "block"):
+        for b in sorted({r["batch"] for r in ml}):
+            sel = [r for r in ml if r["format"] == fmt and r["batch"] == b and r["backend"] not in ("auto", "torch")]
+            if not sel:
+                continue
+            best = {}
+            for r in sel:  # the best kernel per (shape, sparsity)
+                k = (r["shape"], r["sparsity"])
+                if k not in best or r["speedup"] > best[k]["speedup"]:
+                    best[k] = r
+            parts = [f"{r['sparsity']:.0%}: {r['speedup']:.2f}x ({r['of_ideal']:.0%} of ideal, {r['backend']})"
+                     for r in sorted(best.values(), key=lambda r: r["sparsity"]) if r["shape"] == sel[0]["shape"]]
+            lines.append(f"| masked_linear {fmt} | {sel[0]['shape']} batch {b} | {'; '.join(parts)} |")
+    auto = [r for r in ml if r["backend"] == "auto"]
+    for b in sorted({r["batch"] for r in auto}):
+        worst = min((r for r in auto if r["batch"] == b), key=lambda r: r["speedup"])
+        lines.append(f"| masked_linear dispatched (worst) | batch {b} | {worst['speedup']:.2f}x dense "
+                     f"({worst['format']} {worst['shape']} {worst['sparsity']:.0%} -> {worst.get('route')}) |")
+    for r in res.get("induce_neurons") or []:
+        lines.append(f"| induce_neurons {r['backend']} act={r['act']} | {r['shape']} {r['dtype']} | {r['ms']} ms, "
+                     f"{r['of_copy_bw']} of copy, {r['speedup']}x eager |")
+    for r in res.get("e2e") or []:
+        graph = f", graph step {r['step_graph'] * 1e3:.3f} ms ({r.get('speedup_step_graph', 1.0):.2f}x)" if "step_graph" in r else \
+            (f", graph capture failed: {r['graph_error']}" if "graph_error" in r else "")
+        lines.append(f"| e2e decode {r['format']} | {r['sparsity']:.0%} | {r['tok_s']:.1f} tok/s ({r['speedup_tok_s']:.2f}x), "
+                     f"step {r['step'] * 1e3:.3f} ms ({r['speedup_step']:.2f}x){graph} |")
+    if res.get("crossover"):
+        lines += ["", f"crossover: {json.dumps(res['crossover'], sort_keys=True)}"]
+    for name, err in (res.get("errors") or {}).items():
+        lines.append(f"\n**{name} failed**: {err.splitlines()[-1] if err else ''}")
+    return "\n".join(lines)
+
+
+def merge_crossover(path: str) -> None:
+    """Fold a run's crossover_gpu.json into the package's crossover.json (atomically)."""
+    with open(path) as f:
+        new = json.load(f)
+    target = dispatch._TABLE_FILE
+    with open(target) as f:
+        table = json.load(f)
+    for cls, entries in new.items():
+        table.setdefault(cls, {}).update(entries)
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, target)
+    print(f"merged {sum(len(v) for v in new.values())} entries into {target}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-suite-out"))
+    ap.add_argument("--dry", action="store_true", default=os.environ.get("GPU_SUITE_DRY", "0") == "1")
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("GPU_BENCH_BUDGET_S", 240)),
+                    help="sections not started by then are skipped (and listed)")
+    ap.add_argument("--merge-crossover", help="merge this crossover_gpu.json into crossover.json and exit")
+    args = ap.parse_args(argv)
+    if args.merge_crossover:
+        merge_crossover(args.merge_crossover)
+        return 0
+    if not args.dry and not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device; use --dry (GPU_SUITE_DRY=1) for the CPU dry run", file=sys.stderr)
+        return 2
+    p = plan(args.dry)
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+
+    res = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
+           "dry": args.dry, "errors": {}, "skipped": []}
+    start = time.perf_counter()
+
+    def section(name, fn):
+        if time.perf_counter() - start > args.budget_s:
+            res["skipped"].append(name)
+            print(f"[gpu_bench] {name}: skipped (time budget {args.budget_s:.0f} s spent)", flush=True)
+            return None
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except Exception:  # noqa: BLE001 - one broken section must not lose the others
+            res["errors"][name] = traceback.format_exc()
+            print(f"[gpu_bench] {name}: FAILED\n{res['errors'][name]}", flush=True)
+            return None
+        print(f"[gpu_bench] {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        return out
+
+    res["ceilings"] = section("ceilings", lambda: ceilings(p))
+    res["accumulate_stats"] = section("accumulate_stats", lambda: accumulate(p))
+    res["masked_linear"] = section("masked_linear", lambda: masked_linear(p))
+    copy = (res["ceilings"] or {}).get("copy_GBps", 1.0)
+    res["induce_neurons"] = section("induce_neurons", lambda: induce(p, copy))
+    res["e2e"] = section("e2e", lambda: e2e(p))
+    if res["masked_linear"]:
+        res["crossover"] = gpu_crossover(res["masked_linear"], p["dtype"], dispatch.device_class(torch.device(p["device"])))
+        with open(os.path.join(args.out, "crossover_gpu.json"), "w") as f:
+            json.dump(res["crossover"], f, indent=2, sort_keys=True)
+    with open(os.path.join(args.out, "gpu_results.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    text = summary(res)
+    with open(os.path.join(args.out, "gpu_table.md"), "w") as f:
+        f.write(text + "\n")
+    print("\n" + text)
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One prepared GPU run (`make gpu-check`): build the CUDA extension in place, run the GPU subset
+# of the tests against the float64 references, then time every kernel (benchmarks/gpu_bench.py).
+# Everything lands under $OUT (at most 8 files): env.txt, build.log, tests.log, bench.log,
+# gpu_results.json, gpu_table.md, crossover_gpu.json. The short table is printed last.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh          # on the GPU machine (about 8 minutes at most)
+#   GPU_SUITE_DRY=1 bash benchmarks/gpu_suite.sh       # CPU dry run: no build, interpreter, tiny shapes
+#
+# Each step has its own time limit and the next one runs whatever the last one did; the exit
+# status is non-zero when any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d /tmp/gpu-suite.XXXXXX)}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+DRY=${GPU_SUITE_DRY:-0}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+status=0
+step() { echo "== $1 ($(date +%T))"; }
+
+step "environment"
+{
+  date -u +"%Y-%m-%d %H:%M UTC"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+  command -v nvcc >/dev/null && nvcc --version | tail -1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1
+  TEST_TIMEOUT=${GPU_SUITE_TEST_S:-240}; BENCH_TIMEOUT=${GPU_SUITE_BENCH_S:-240}
+  echo "dry run: the CPU build already in place is used; Triton through the interpreter" > "$OUT/build.log"
+  # the kernels' own tests stand in for the GPU subset; small, so the dry run stays short
+  TESTS=(tests/test_library.py)
+else
+  export TRITON_INTERPRET=0
+  TEST_TIMEOUT=${GPU_SUITE_TEST_S:-200}; BENCH_TIMEOUT=${GPU_SUITE_BENCH_S:-230}
+  step "build the CUDA extension in place (sm_90a)"
+  if ! PERSONA_KERNELS_NO_CPU=1 PERSONA_KERNELS_CUDA_ARCH=${PERSONA_KERNELS_CUDA_ARCH:-"-gencode=arch=compute_90a,code=sm_90a"} \
+       MAX_JOBS=${MAX_JOBS:-16} timeout "${GPU_SUITE_BUILD_S:-200}" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    echo "BUILD FAILED; last lines of build.log:"; tail -40 "$OUT/build.log"; status=1
+  fi
+  cat persona_kernels/_native_build.json 2>/dev/null
+  TESTS=(tests/test_gpu_kernels.py tests/test_masked_linear.py tests/test_library.py)
+fi
+
+step "tests: ${TESTS[*]}"
+timeout_flag=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=120)
+timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider "${timeout_flag[@]}" "${TESTS[@]}" > "$OUT/tests.log" 2>&1
+rc=$?
+tail -25 "$OUT/tests.log"
+[ $rc -eq 0 ] || { echo "TESTS FAILED (exit $rc; 124 = out of time): see tests.log"; status=1; }
+
+step "benchmarks"
+timeout "$BENCH_TIMEOUT" "$PY" benchmarks/gpu_bench.py --out "$OUT" --budget-s $((BENCH_TIMEOUT - 60)) > "$OUT/bench.log" 2>&1
+rc=$?
+[ $rc -eq 0 ] || { echo "BENCHMARKS FAILED (exit $rc; 124 = out of time): last lines of bench.log:"; tail -30 "$OUT/bench.log"; status=1; }
+
+step "summary"
+cat "$OUT/gpu_table.md" 2>/dev/null || echo "no gpu_table.md (see bench.log)"
+echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit $status

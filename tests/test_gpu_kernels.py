@@ -1,0 +1,83 @@
+"""The kernels on the device they are built for, against float64 references: the GPU subset of
+the suite (benchmarks/gpu_suite.sh). On a CUDA machine every CUDA and compiled-Triton kernel
+runs on CUDA tensors, bf16 included; here (and on CI) the same tests run the CPU backends and
+the Triton interpreter (fp32/fp16), so they cannot rot between GPU sessions. Outputs are
+poisoned (conftest), shapes are odd and not multiples of any block."""
+import numpy as np
+import pytest
+import torch
+
+import persona_kernels as pk
+from persona_kernels import backends
+from persona_kernels.ops import registry
+from persona_kernels.stats import npti_edges
+
+from stats_oracle import oracle
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EXACT = ("count", "pos", "samples", "hist", "min", "max", "absmax")
+
+
+def _backends(op):
+    """The non-reference backends of ``op`` that run on DEVICE (skipped, with why, otherwise)."""
+    out = []
+    for name in ("cuda", "triton", "cpp"):
+        runs = registry.get_kernel(op, name) is not None and backends.available(name, DEVICE)
+        why = f"{name} does not run on {DEVICE.type}: {backends.describe(name, DEVICE)}"
+        out.append(pytest.param(name, id=name, marks=() if runs else pytest.mark.skip(reason=why)))
+    return out
+
+
+def _skip_interpreted_bf16(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and backends.triton_interpreter():
+        pytest.skip("the Triton interpreter has no bf16 arithmetic; bf16 Triton runs on a GPU")
+
+
+@pytest.mark.parametrize("backend", _backends("accumulate_stats"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 123, 123), (3, 300, 77), (1, 1, 9)], ids=lambda s: "x".join(map(str, s)))
+def test_accumulate_stats_on_device(backend, dtype, shape):
+    _skip_interpreted_bf16(backend, dtype)
+    g = torch.Generator().manual_seed(sum(shape))
+    B, T, C = shape
+    x = (torch.randn(B, T, C, generator=g) * 2 + 0.3 * torch.rand(C, generator=g)).to(dtype)
+    valid = torch.rand(B, T, generator=g) > 0.25
+    valid[0, 0] = True
+    seg = torch.randint(0, 2, (B,), generator=g)
+    state = pk.accumulate_stats(x.to(DEVICE), valid=valid.to(DEVICE), segment_ids=seg.to(DEVICE), backend=backend,
+                                config=pk.StatsConfig(num_personas=2, histogram=True))
+    want = oracle(x.double().numpy(), valid.numpy(), seg.numpy(), 2, npti_edges())
+    for key, ref in want.items():
+        got = getattr(state, key).cpu()
+        got = got.numpy() if key == "hist" else got.double().numpy()
+        if key in EXACT:
+            np.testing.assert_array_equal(got, ref, err_msg=key)
+        else:
+            np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * max(float(np.abs(ref).max()), 1e-12), err_msg=key)
+
+
+@pytest.mark.parametrize("backend", _backends("induce_neurons"))
+@pytest.mark.parametrize("act", [None, "silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_induce_neurons_on_device(backend, act, dtype):
+    _skip_interpreted_bf16(backend, dtype)
+    g = torch.Generator().manual_seed(7)
+    a = (4 * torch.randn(5, 37, 123, generator=g)).to(dtype)
+    deact = torch.rand(123, generator=g) > 0.6
+    add = torch.where(torch.rand(123, generator=g) > 0.5, torch.rand(123, generator=g), torch.zeros(123))
+    out = pk.induce_neurons(a.to(DEVICE), deact.to(DEVICE), add.to(DEVICE), backend=backend, act=act).cpu()
+    f = {None: lambda t: t, "silu": torch.nn.functional.silu,
+         "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}[act](a.double())
+    want = torch.where(deact, f.clamp(max=0), f) + add.double()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", _backends("topk_mask"))
+def test_topk_mask_on_device(backend):
+    score = torch.randn(33, 257, generator=torch.Generator().manual_seed(2))
+    score[:, 100:110] = 0.5  # ties: the lower column wins
+    got = pk.ops.topk_mask.topk_mask(score.to(DEVICE), 101, backend=backend).cpu()
+    assert torch.equal(got, pk.ops.topk_mask.topk_mask_reference(score, 101))
