@@ -16,11 +16,13 @@ import torch.nn as nn
 from .fingerprint import architecture, check_fingerprint, model_fingerprint
 from .io import load_artifact, save_artifact
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
+from .prompts import PromptFormat
 from .sites import Site, check_supported, discover_sites
 from .stats import StatsConfig, StatsState
 
 KIND = "statistics"
 TOKEN_SCOPES = ("prompt", "generated", "both")
+PAIR_SCOPES = ("answer", "prompt", "both")
 
 
 @dataclass
@@ -39,6 +41,10 @@ class CalibrationConfig:
     token_scope:   which tokens count: 'prompt' (the texts themselves, default), 'generated'
                    (the model's greedy continuation of each text, as NPTI's reference does) or
                    'both'. Generation stops at EOS or after ``max_new_tokens``.
+    pair_scope:    for (question, answer) pairs, formatted like evaluation does (prompts.py):
+                   the tokens that count, 'answer' (default), 'prompt' or 'both'.
+    chat_template, system_prompt: the prompt format of pairs (PromptFormat; None: the
+                   tokenizer's chat template when it has one).
     """
 
     kinds: tuple = ("linear", "act")
@@ -54,6 +60,9 @@ class CalibrationConfig:
     progress: bool = True
     token_scope: str = "prompt"
     max_new_tokens: int = 32
+    pair_scope: str = "answer"
+    chat_template: Optional[bool] = None
+    system_prompt: Optional[str] = None
 
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
@@ -72,6 +81,8 @@ class CalibrationConfig:
             raise ValueError(f"token_scope must be one of {TOKEN_SCOPES}, got {self.token_scope!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if self.pair_scope not in PAIR_SCOPES:
+            raise ValueError(f"pair_scope must be one of {PAIR_SCOPES}, got {self.pair_scope!r}")
 
 
 @dataclass
@@ -131,11 +142,19 @@ def _check_texts(texts_by_persona: Mapping[str, Sequence[str]]) -> list[tuple[st
         if not texts:
             raise ValueError(f"persona {persona!r} has no calibration texts")
         for j, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"persona {persona!r}, text {j}: expected str, got {type(t).__name__}")
-            if not t.strip():
+            if isinstance(t, tuple):
+                if len(t) != 2 or not all(isinstance(v, str) for v in t):
+                    raise TypeError(f"persona {persona!r}, text {j}: a pair must be (question, answer) strings")
+                if not t[1].strip():
+                    raise ValueError(f"persona {persona!r}, text {j}: empty answer")
+            elif not isinstance(t, str):
+                raise TypeError(f"persona {persona!r}, text {j}: expected str or (question, answer), got {type(t).__name__}")
+            elif not t.strip():
                 raise ValueError(f"persona {persona!r}, text {j} is empty")
         items.extend((t, i) for t in texts)
+    kinds = {isinstance(t, tuple) for t, _ in items}
+    if len(kinds) > 1:
+        raise TypeError("texts_by_persona mixes plain texts and (question, answer) pairs; use one kind")
     return items
 
 
@@ -206,12 +225,32 @@ def _forward_with_generation(model, tokenizer, collector: _Collector, ids, attn,
     model(input_ids=seq, attention_mask=full_attn.to(attn.dtype), position_ids=position_ids, use_cache=False)
 
 
+def _pair_batch(encoded: list, pad: int, cfg: CalibrationConfig):
+    """Right-padded ids, attention mask and the counted tokens of (ids, prompt length) pairs,
+    truncated to max_length (from the left of the prompt, so answers are kept)."""
+    rows = []
+    for ids, n_prompt in encoded:
+        cut = max(0, len(ids) - cfg.max_length)
+        rows.append((ids[cut:], max(0, n_prompt - cut)))
+    L = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    attn = torch.zeros(len(rows), L, dtype=torch.long)
+    scope = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, (t, n_prompt) in enumerate(rows):
+        ids[i, :len(t)] = torch.tensor(t)
+        attn[i, :len(t)] = 1
+        lo, hi = {"answer": (n_prompt, len(t)), "prompt": (0, n_prompt), "both": (0, len(t))}[cfg.pair_scope]
+        scope[i, lo:hi] = True
+    return ids, attn, scope
+
+
 @torch.inference_mode()
 def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequence[str]],
               config: Optional[CalibrationConfig] = None, **overrides) -> CalibrationResult:
     """Collect activation statistics of every site for each persona's texts.
 
-    ``texts_by_persona``: {persona name: [text, ...]}. Keyword overrides update ``config``
+    ``texts_by_persona``: {persona name: [text, ...]} or {persona name: [(question, answer), ...]}
+    (pairs are formatted with the prompt format, and by default only answer tokens count). Keyword overrides update ``config``
     (e.g. ``batch_size=4, mlp_only=True``). Returns a CalibrationResult (save()/load()).
     """
     cfg = config or CalibrationConfig()
@@ -223,8 +262,13 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
     sites = discover_sites(model, cfg.kinds, cfg.layers, cfg.mlp_only, cfg.include, cfg.exclude)
     if not sites:
         raise ValueError("no statistics sites match the configuration (check layers/mlp_only/include/exclude)")
+    pairs = isinstance(items[0][0], tuple)
+    if pairs and cfg.token_scope != "prompt":
+        raise ValueError("(question, answer) pairs are scored as given; token_scope 'generated'/'both' needs plain texts")
+    fmt = PromptFormat(cfg.chat_template, cfg.system_prompt)
+    encoded = [fmt.encode(tokenizer, *t) for t, _ in items] if pairs else None
     # longest first: padding stays small and a batch that runs out of memory fails early
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    order = sorted(range(len(items)), key=lambda i: -(len(encoded[i][0]) if pairs else len(items[i][0])))
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
 
     pad_added = tokenizer.pad_token is None
@@ -241,9 +285,14 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
         from tqdm.auto import tqdm
 
         for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not cfg.progress):
+            collector.segments = torch.tensor([items[i][1] for i in batch], dtype=torch.int64)
+            if pairs:
+                ids, attn, scope = _pair_batch([encoded[i] for i in batch], tokenizer.pad_token_id, cfg)
+                collector.valid = scope.to(device)
+                model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+                continue
             enc = tokenizer([items[i][0] for i in batch], return_tensors="pt", padding=True, truncation=True,
                             max_length=cfg.max_length)
-            collector.segments = torch.tensor([items[i][1] for i in batch], dtype=torch.int64)
             ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             if cfg.token_scope == "prompt":
                 collector.valid = attn.to(torch.bool)

@@ -338,9 +338,28 @@ def persona(model: nn.Module, name: Optional[str]):
         h.current, h.batch = before
 
 
+@contextlib.contextmanager
+def unmodified(model: nn.Module):
+    """Temporarily run the original model: persona None and NPTI induction off (the baseline of an
+    evaluation on the same items, without removing anything)."""
+    h = _handle(model)
+    before = (h.current, h.batch)
+    acts = [m for m in model.modules() if isinstance(m, InducedActivation)]
+    enabled = [m.enabled for m in acts]
+    h.current, h.batch = None, None
+    for m in acts:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        h.current, h.batch = before
+        for m, e in zip(acts, enabled):
+            m.enabled = e
+
+
 def is_applied(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
 __all__ = ["InducedActivation", "MaskedLinear", "fusable_activation", "PersonaError", "PersonaHandle", "apply", "apply_neurons",
-           "is_applied", "persona", "remove", "set_batch_personas", "set_gamma", "set_persona"]
+           "is_applied", "persona", "remove", "set_batch_personas", "set_gamma", "set_persona", "unmodified"]

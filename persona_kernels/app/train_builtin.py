@@ -217,7 +217,7 @@ def fractions(model, tok, items, batch_size=32) -> dict:
     answer, the mean margin log p(E) - log p(I), and the mean summed log-prob of each pole's answers."""
     from ..evaluate import evaluate_mc
 
-    res = evaluate_mc(model, tok, items, batch_size=batch_size)
+    res = evaluate_mc(model, tok, items, batch_size=batch_size, scoring="sum")
     is_a = torch.tensor([m == "A" for m in res.matching])
     lp_e = torch.where(is_a, res.logprob_a, res.logprob_b)
     lp_i = torch.where(is_a, res.logprob_b, res.logprob_a)

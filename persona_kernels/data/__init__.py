@@ -3,7 +3,17 @@ from __future__ import annotations
 
 from importlib import resources
 
-from .loaders import DataFormatError, MCItem, PersonalityBench, load_mc_csv, load_persona_csv, load_personalitybench, load_text_lines
+from .loaders import (
+    DataFormatError,
+    MCItem,
+    PersonalityBench,
+    load_mc_any,
+    load_mc_csv,
+    load_persona_csv,
+    load_persona_pairs,
+    load_personalitybench,
+    load_text_lines,
+)
 
 BUILTIN_PERSONAS = {
     "extraversion": "extraversion.txt", "introversion": "introversion.txt",
@@ -11,6 +21,12 @@ BUILTIN_PERSONAS = {
 }
 # opposing pairs (positive, negative) of the built-in sets
 BUILTIN_PAIRS = {"extraversion": ("extraversion", "introversion"), "power": ("power_seeking", "power_averse")}
+
+
+def neutral_texts() -> list[str]:
+    """Neutral encyclopedic sentences written for this project (no persona was calibrated on them):
+    the text the damage measure (perplexity) is computed on."""
+    return load_text_lines(resources.files(__package__) / "neutral.txt")
 
 
 def builtin_texts(persona: str) -> list[str]:
@@ -39,4 +55,5 @@ def builtin_mc_items(name: str = "extraversion") -> list:
 
 
 __all__ = ["builtin_mc_items", "BUILTIN_PAIRS", "BUILTIN_PERSONAS", "DataFormatError", "MCItem", "PersonalityBench", "builtin_pair",
-           "builtin_texts", "load_mc_csv", "load_personalitybench", "load_persona_csv", "load_text_lines"]
+           "builtin_texts", "load_mc_any", "load_mc_csv", "load_personalitybench", "load_persona_csv", "load_persona_pairs",
+           "load_text_lines", "neutral_texts"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 from dataclasses import dataclass, field
 
 TRAIN_HEADER = ["question", "matching", "not_matching"]
@@ -86,6 +87,38 @@ class MCItem:
     a: str
     b: str
     matching: str
+
+
+def load_persona_pairs(path, positive: str = "matching", negative: str = "not_matching") -> dict[str, list[tuple[str, str]]]:
+    """Train CSV `question,matching,not_matching` -> {positive: [(question, answer)], negative: [...]}:
+    the pairs that calibration formats with the prompt format (statistics over the answer tokens)."""
+    rows = _csv_rows(path, TRAIN_HEADER, optional=("question",))
+    return {positive: [(r["question"], r["matching"]) for _, r in rows],
+            negative: [(r["question"], r["not_matching"]) for _, r in rows]}
+
+
+def _header(path) -> list[str]:
+    first = _read(os.fspath(path)).splitlines()[:1]
+    return [h.strip() for h in next(csv.reader(first))] if first else []
+
+
+def load_mc_any(path, seed: int = 0, max_samples: int | None = None) -> list[MCItem]:
+    """A/B items from `question,A,B,matching`, or from a train-style `question,matching,not_matching`
+    file made A/B: the matching answer goes to side A on a seeded half of the items (balanced), so
+    a model that prefers one side cannot score. ``max_samples`` keeps the first N items."""
+    if _header(path) == TRAIN_HEADER:
+        rows = [r for _, r in _csv_rows(path, TRAIN_HEADER, optional=("question",)) if r["question"]]
+        sides = [i % 2 == 0 for i in range(len(rows))]
+        random.Random(seed).shuffle(sides)
+        items = [MCItem(r["question"], r["matching"], r["not_matching"], "A") if a else
+                 MCItem(r["question"], r["not_matching"], r["matching"], "B") for r, a in zip(rows, sides)]
+    else:
+        items = load_mc_csv(path)
+    if max_samples is not None:
+        if max_samples < 1:
+            raise DataFormatError(f"max_samples must be >= 1, got {max_samples}")
+        items = items[:max_samples]
+    return items
 
 
 def load_mc_csv(path) -> list[MCItem]:

@@ -13,7 +13,8 @@ from ..hf import LayerFilter, linear_weight
 from . import methods
 from .store import MaskStore
 
-METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse")
+METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse", "random", "magnitude")
+CONTROLS = ("random", "magnitude")  # same sparsity and layers as a persona mask, no persona in them
 STATISTICS = ("sample_norm", "token_norm")
 
 
@@ -22,7 +23,9 @@ class MaskConfig:
     """How to build masks.
 
     method:      'wanda' (one mask per persona), 'contrastive_wanda' or 'contrastive_sparse'
-                 (two opposing personas, given as (positive, negative)).
+                 (two opposing personas, given as (positive, negative)); the controls 'random'
+                 (seeded, a different mask per persona) and 'magnitude' (|W| only, the same for
+                 every persona) at the same sparsity and layer set.
     sparsity:    fraction of weights removed, in [0, 1) (N:M fixes it at 1 - N/M).
     granularity: 'row' (top-k per output row, default), 'layer' or 'nm'.
     statistic:   A for Wanda scores: 'sample_norm' (mean over samples of the per-sample L2
@@ -45,6 +48,7 @@ class MaskConfig:
     include: Optional[str] = None
     exclude: Optional[str] = None
     backend: str = "auto"
+    seed: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -82,7 +86,7 @@ def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[S
     check_fingerprint(model, calib.fingerprint, "the calibration statistics")
     personas = list(personas) if personas is not None else list(calib.personas)
     idx = [calib.persona_index(p) for p in personas]
-    if cfg.method != "wanda" and len(personas) != 2:
+    if cfg.method not in ("wanda",) + CONTROLS and len(personas) != 2:
         raise ValueError(f"{cfg.method} needs exactly two opposing personas (positive, negative), got {personas}")
     modules = dict(model.named_modules())
     out = {p: {} for p in personas}
@@ -93,6 +97,16 @@ def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[S
         if cfg.method == "wanda":
             for p, i in zip(personas, idx):
                 out[p][layer] = methods.wanda_mask(w, _act(st, i, cfg.statistic), **sel).cpu()
+            continue
+        if cfg.method == "magnitude":
+            mask = methods.magnitude_mask(w, **sel).cpu()
+            for p in personas:
+                out[p][layer] = mask
+            continue
+        if cfg.method == "random":
+            for k, p in enumerate(personas):
+                seed = cfg.seed * 1_000_003 + k * 7919 + sum(map(ord, layer))
+                out[p][layer] = methods.random_mask(w, **sel, seed=seed).cpu()
             continue
         i, j = idx
         if cfg.method == "contrastive_wanda":

@@ -63,6 +63,17 @@ def wanda_mask(weight, act, sparsity=0.5, granularity="row", n=2, m=4, backend="
     return select(wanda_score(weight, act), sparsity, granularity, n, m, backend)
 
 
+def magnitude_mask(weight, sparsity=0.5, granularity="row", n=2, m=4, backend="auto") -> torch.Tensor:
+    """Control: keep the highest |W| (no calibration data): what pruning alone does."""
+    return select(weight.detach().float().abs(), sparsity, granularity, n, m, backend)
+
+
+def random_mask(weight, sparsity=0.5, granularity="row", n=2, m=4, backend="auto", seed: int = 0) -> torch.Tensor:
+    """Control: a seeded random mask with the same count per row (layer, N:M group) as a persona mask."""
+    g = torch.Generator().manual_seed(seed)
+    return select(torch.rand(weight.shape, generator=g), sparsity, granularity, n, m, backend).to(weight.device)
+
+
 def contrastive_z(mean_pos, var_pos, mean_neg, var_neg) -> torch.Tensor:
     """z_j = (m+ - m-) / sqrt(v+ + v- + 1e-6), from per-sample-norm means and population variances."""
     z = (mean_pos.double() - mean_neg.double()) / (var_pos.double() + var_neg.double() + 1e-6).sqrt()
