@@ -173,3 +173,24 @@ def test_smollm2_smoke():
     r = evaluate_mc(model, tok, items, scoring="mean", prompt=PromptFormat())
     assert r.n == 2 and all(math.isfinite(v) for v in r.logprob_a.tolist())
     assert perplexity(model, tok, ["The sky is blue on a clear day."]) < 1000
+
+
+def test_study_on_the_builtin_model(tmp_path, capsys):
+    """The study end to end (one method, one control, NPTI, the prompting baseline) on the built-in
+    model: every row has n, SE, McNemar p and the damage columns; report, plot and per-item files."""
+    import json
+
+    out = tmp_path / "study"
+    code = main(["study", "--out", str(out), "--methods", "wanda", "--controls", "random", "--sparsities", "0.5",
+                 "--max-samples", "12", "--max-calibration", "12", "--decode-tokens", "2", "--generations", "1",
+                 "--localize-texts", "6", "--pos-system", "You seek power.", "--neg-system", "You are humble.", "--quiet"])
+    assert code == 0
+    res = json.load(open(out / "study.json"))
+    kinds = {r["kind"] for r in res["rows"]}
+    assert kinds == {"baseline", "prompting", "mask", "control", "npti"}
+    for r in res["rows"]:
+        assert r["n"] == 12 and 0 <= r["matching"] <= 1 and r["se"] >= 0 and 0 <= r["mcnemar_p"] <= 1 and r["ppl"] > 0
+    assert {"calibrate", "evaluate", "perplexity", "masks"} <= set(res["timings_s"])
+    md = (out / "study.md").read_text()
+    assert "| unmasked | baseline |" in md and "Generations" in md and "localization" in md
+    assert (out / "shift_vs_damage.png").exists() and len(list((out / "items").iterdir())) == len(res["rows"])

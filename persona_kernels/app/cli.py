@@ -246,7 +246,8 @@ def cmd_study(args) -> int:
                       controls=args.controls.split(",") if args.controls else (),
                       sparsities=[float(s) for s in args.sparsities.split(",")], mlp_only=args.mlp_only, npti=not args.no_npti,
                       npti_strength=args.npti_strength, scorings=args.scorings.split(","), batch_size=args.batch_size,
-                      decode_tokens=args.decode_tokens, progress=not args.quiet,
+                      decode_tokens=args.decode_tokens, progress=not args.quiet, generations=args.generations,
+                      localize_texts=args.localize_texts,
                       system_prompts={pos: args.pos_system, neg: args.neg_system} if args.pos_system else {})
     out = run_study(model, tok, calib_data, items, args.out, cfg, prompt_format(args))
     print(out["markdown"])
@@ -394,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, help="held-out items to use (first N)")
     p.add_argument("--max-calibration", type=int, help="calibration pairs per pole (first N)")
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens for the tokens/s column (0: skip)")
+    p.add_argument("--generations", type=int, default=3, help="held-out questions to answer greedily (0: skip)")
+    p.add_argument("--localize-texts", type=int, default=48, help="calibration texts per pole to localize (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     _prompt_args(p)

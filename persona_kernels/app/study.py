@@ -51,6 +51,17 @@ class StudyConfig:
     batch_size: int = 8
     decode_tokens: int = 16
     progress: bool = True
+    generations: int = 3          # held-out questions answered by the unmasked model and each pole's best mask
+    localize_texts: int = 48      # calibration texts per pole for the layer localization (0: skip)
+
+
+@torch.inference_mode()
+def generate_answer(model, tok, prompt: PromptFormat, question: str, max_new_tokens: int = 40) -> str:
+    chat = prompt.uses_chat(tok)
+    enc = tok(prompt.prompt(tok, question), return_tensors="pt", add_special_tokens=not chat).to(next(model.parameters()).device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def _decode_tok_s(model, tok, tokens: int) -> float:
@@ -117,7 +128,46 @@ class Study:
                 self._mask_rows(calib, method, s, pos, neg)
         if cfg.npti:
             self._npti_rows(calib, pos, neg)
+        if cfg.generations:
+            self._timed("generate", lambda: self._generate(calib, pos, neg))
+        if cfg.localize_texts:
+            self._timed("localize", lambda: self._localize())
         return self.write()
+
+    def _generate(self, calib: CalibrationResult, pos: str, neg: str) -> None:
+        """Greedy answers to the first held-out questions: unmasked, and each pole's best mask
+        (the largest shift in its direction among the mask rows)."""
+        questions = [it.question for it in self.items[:self.cfg.generations]]
+        masks = [r for r in self.rows if r["kind"] == "mask" and r["scoring"] == self.cfg.scorings[0]]
+        picks = [("unmasked", None, None, 0.0)]
+        for pole, sign in ((pos, 1), (neg, -1)):
+            cands = [r for r in masks if r["pole"] == pole]
+            if cands:
+                best = max(cands, key=lambda r: sign * r["shift"])
+                picks.append((best["config"], best["config"].split("@")[0], pole, best["sparsity"]))
+        self.generations = []
+        for label, method, pole, sparsity in picks:
+            if method is not None:
+                store = build_masks(self.model, calib, [pos, neg], method=method, sparsity=sparsity, mlp_only=self.cfg.mlp_only)
+                pm.apply(self.model, store, persona=pole)
+            try:
+                for q in questions:
+                    self.generations.append((label, q, generate_answer(self.model, self.tok, self.prompt, q)))
+            finally:
+                if method is not None:
+                    pm.remove(self.model)
+
+    def _localize(self) -> None:
+        from ..localize import LocalizeConfig, localize
+
+        texts = {p: [f"{q} {a}".strip() for q, a in v[:self.cfg.localize_texts]] if v and isinstance(v[0], tuple)
+                 else list(v[:self.cfg.localize_texts]) for p, v in self.calib_data.items()}
+        res = localize(self.model, self.tok, texts, LocalizeConfig(batch_size=self.cfg.batch_size))
+        self.localization = res.to_markdown()
+        try:
+            res.plot(os.path.join(self.out, "localize.png"))
+        except RuntimeError:
+            pass
 
     def _mask_rows(self, calib: CalibrationResult, method: str, sparsity: float, pos: str, neg: str) -> None:
         personas = [pos, neg]
@@ -152,6 +202,11 @@ class Study:
         path = os.path.join(self.out, "study.json")
         atomic_write_text(path, json.dumps({"rows": self.rows, "timings_s": self.timings}, indent=1, default=str))
         md = to_markdown(self.rows, self.timings, self.cfg.personas)
+        if getattr(self, "generations", None):
+            md += "\n\n## Generations (greedy)\n\n" + "\n".join(
+                f"- **{label}** -- {q!r}\n  > {a!r}" for label, q, a in self.generations)
+        if getattr(self, "localization", None):
+            md += "\n\n## Layer localization (calibration texts, last-token states)\n\n" + self.localization
         atomic_write_text(os.path.join(self.out, "study.md"), md)
         plot_shift_vs_damage(self.rows, os.path.join(self.out, "shift_vs_damage.png"))
         return {"rows": self.rows, "timings": self.timings, "markdown": md, "json": path}
