@@ -243,3 +243,46 @@ def test_gpt2_conv1d_orientation():
     conv = dict(model.named_modules())[layer]
     assert store.shapes[layer] == (conv.weight.shape[1], conv.weight.shape[0])
     assert torch.equal(store.mask("extravert", layer), wanda_mask(conv.weight.t(), calib.stats[layer].sample_norm_mean()[0], 0.5))
+
+
+def _lex_brute(score, k, tb):
+    out = torch.zeros_like(score, dtype=torch.bool)
+    for r in range(score.shape[0]):
+        order = sorted(range(score.shape[1]), key=lambda c: (-float(score[r, c]), -float(tb[r, c]), c))
+        out[r, order[:k]] = True
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 17, 40])
+def test_topk_tie_break_is_lexicographic(k):
+    g = torch.Generator().manual_seed(k)
+    score = torch.randint(0, 3, (9, 40), generator=g).float()  # many exact ties
+    tb = torch.randint(0, 4, (9, 40), generator=g).float()     # ties in the tie-break too: then the column
+    got = topk_mask(score, k, tie_break=tb)
+    assert torch.equal(got, _lex_brute(score, k, tb))
+    assert torch.equal(topk_mask(score, k, tie_break=torch.zeros_like(score)), topk_mask(score, k))  # column rule
+    with pytest.raises(ValueError, match="tie_break"):
+        topk_mask(score, k, tie_break=tb[:, :3])
+
+
+def test_contrastive_wanda_ties_go_to_the_persona_wanda_score():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 32, generator=g)
+    m_pos, m_neg = torch.rand(32, generator=g) + 0.5, torch.rand(32, generator=g) + 0.5
+    m_pos[:24] = m_neg[:24] - 0.3  # z < 0 on 24 inputs: relu(z) = 0 ties for the + mask
+    v = torch.full((32,), 0.01)
+    pos, _ = contrastive_wanda_masks(w, m_pos, v, m_neg, v, sparsity=0.5)
+    k = 16
+    for r in range(6):
+        assert int(pos[r].sum()) == k
+        z_pos = (m_pos > m_neg).nonzero().squeeze(1)
+        assert bool(pos[r, z_pos].all())  # every input with z > 0 first (8 of them)
+        tied = [c for c in range(32) if c not in z_pos.tolist()]
+        want = sorted(tied, key=lambda c: (-float(w[r, c].abs() * m_pos[c]), c))[:k - len(z_pos)]
+        assert sorted(pos[r].nonzero().squeeze(1).tolist()) == sorted(z_pos.tolist() + want)
+    col, _ = contrastive_wanda_masks(w, m_pos, v, m_neg, v, sparsity=0.5, tie_break="column")
+    assert bool(col[:, :8].all()) and not bool(col[:, 8:24].any())  # the parity rule: the lowest tied columns
+    tiny, _ = contrastive_wanda_masks(w[:, :4], m_pos[:4], v[:4], m_neg[:4], v[:4], sparsity=0.9, tie_break="column")
+    assert bool((tiny.sum(1) == 1).all())  # k = max(1, int(in (1 - s))) in the parity mode
+    with pytest.raises(ValueError, match="tie_break"):
+        contrastive_wanda_masks(w, m_pos, v, m_neg, v, tie_break="random")

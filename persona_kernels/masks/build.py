@@ -31,6 +31,9 @@ class MaskConfig:
     statistic:   A for Wanda scores: 'sample_norm' (mean over samples of the per-sample L2
                  norm, the paper's default) or 'token_norm' (Wanda's sqrt(sum_t x_tj^2)).
     contrast, tau: g in Contrastive-Wanda: 'relu' or 'softplus' (softplus(z / tau)).
+    tie_break:   Contrastive-Wanda's ties (most of a row under relu on real models): 'wanda'
+                 (the persona's own Wanda score, then the column; default) or 'column' (the
+                 parity mode with the released code's k = max(1, int(in (1 - s)))).
     mlp_only, layers, include, exclude: which linear layers get masks (default all that
                  were calibrated, i.e. every linear layer but the LM head).
     """
@@ -49,6 +52,7 @@ class MaskConfig:
     exclude: Optional[str] = None
     backend: str = "auto"
     seed: int = 0
+    tie_break: str = "wanda"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -58,6 +62,8 @@ class MaskConfig:
             raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {methods.GRANULARITIES}")
         if self.statistic not in STATISTICS:
             raise ValueError(f"unknown statistic {self.statistic!r}; choose one of {STATISTICS}")
+        if self.tie_break not in methods.TIE_BREAKS:
+            raise ValueError(f"unknown tie_break {self.tie_break!r}; choose one of {methods.TIE_BREAKS}")
         if self.contrast not in ("relu", "softplus"):
             raise ValueError(f"unknown contrast {self.contrast!r}; use 'relu' or 'softplus'")
         if self.method == "contrastive_sparse" and self.granularity != "row":
@@ -112,7 +118,8 @@ def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[S
         if cfg.method == "contrastive_wanda":
             pos, neg = methods.contrastive_wanda_masks(
                 w, st.sample_norm_mean()[i], st.sample_norm_var()[i], st.sample_norm_mean()[j], st.sample_norm_var()[j],
-                contrast=cfg.contrast, tau=cfg.tau, **sel)
+                contrast=cfg.contrast, tau=cfg.tau, tie_break=cfg.tie_break,
+                act_pos=_act(st, i, cfg.statistic), act_neg=_act(st, j, cfg.statistic), **sel)
         else:
             pos, neg = methods.contrastive_sparse_masks(w, _act(st, i, cfg.statistic), _act(st, j, cfg.statistic),
                                                         cfg.sparsity, cfg.backend)

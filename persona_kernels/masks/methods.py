@@ -9,6 +9,8 @@ towards the lower index (row-major index for per-layer selection).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -42,19 +44,22 @@ def wanda_score(weight: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
 
 
 def select(score: torch.Tensor, sparsity: float = 0.5, granularity: str = "row", n: int = 2, m: int = 4,
-           backend: str = "auto") -> torch.Tensor:
-    """Boolean keep-mask from a score matrix [out, in]."""
+           backend: str = "auto", tie_break: Optional[torch.Tensor] = None, min_keep: int = 0) -> torch.Tensor:
+    """Boolean keep-mask from a score matrix [out, in]. ``tie_break``: a second score that orders
+    tied entries (then the column). ``min_keep``: keep at least this many per row / layer."""
     out_f, in_f = score.shape
+    tb = (lambda shape: None if tie_break is None else tie_break.reshape(shape))  # noqa: E731
     if granularity == "row":
-        return topk_mask(score, keep_count(in_f, sparsity), backend)
+        return topk_mask(score, max(min_keep, keep_count(in_f, sparsity)), backend, tb(score.shape))
     if granularity == "layer":
-        return topk_mask(score.reshape(1, -1), keep_count(out_f * in_f, sparsity), backend).view(out_f, in_f)
+        k = max(min_keep, keep_count(out_f * in_f, sparsity))
+        return topk_mask(score.reshape(1, -1), k, backend, tb((1, -1))).view(out_f, in_f)
     if granularity == "nm":
         if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
             raise ValueError(f"N:M selection needs 0 < N <= M, got {n}:{m}")
         if in_f % m:
             raise ValueError(f"N:M selection needs in_features ({in_f}) divisible by M ({m})")
-        return topk_mask(score.reshape(-1, m), n, backend).view(out_f, in_f)
+        return topk_mask(score.reshape(-1, m), n, backend, tb((-1, m))).view(out_f, in_f)
     raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
 
 
@@ -82,13 +87,22 @@ def contrastive_z(mean_pos, var_pos, mean_neg, var_neg) -> torch.Tensor:
     return z
 
 
+TIE_BREAKS = ("wanda", "column")
+
+
 def contrastive_wanda_masks(weight, mean_pos, var_pos, mean_neg, var_neg, sparsity=0.5, granularity="row",
-                            contrast="relu", tau=2.0, n=2, m=4, backend="auto"):
+                            contrast="relu", tau=2.0, n=2, m=4, backend="auto", tie_break="wanda",
+                            act_pos=None, act_neg=None):
     """Contrastive-Wanda (arXiv 2602.07164): S+ = |W| * g(z), S- = |W| * g(-z), g = relu or softplus(./tau).
 
-    Where g is zero (relu) the scores tie at 0 and the lower input index wins, so the masks are
-    deterministic even when fewer than k inputs favour a persona.
+    Where g is zero (relu) the scores tie at 0; on a real model most rows have their k-th score
+    there, so the tie rule picks most of each mask. ``tie_break='wanda'`` (default) orders those
+    ties by the persona's own Wanda score |W| * A (``act_pos`` / ``act_neg``; default: the means),
+    then the column: the mask keeps the weights that matter to the persona. ``'column'`` is the
+    parity mode: ties to the lower column, and k = max(1, int(in * (1 - s))) as in the released code.
     """
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"unknown tie_break {tie_break!r}; choose one of {TIE_BREAKS}")
     z = contrastive_z(mean_pos, var_pos, mean_neg, var_neg)
     if contrast == "relu":
         g_pos, g_neg = F.relu(z), F.relu(-z)
@@ -98,8 +112,13 @@ def contrastive_wanda_masks(weight, mean_pos, var_pos, mean_neg, var_neg, sparsi
         g_pos, g_neg = F.softplus(z / tau), F.softplus(-z / tau)
     else:
         raise ValueError(f"unknown contrast {contrast!r}; use 'relu' or 'softplus'")
-    return (select(wanda_score(weight, g_pos), sparsity, granularity, n, m, backend),
-            select(wanda_score(weight, g_neg), sparsity, granularity, n, m, backend))
+    if tie_break == "column":
+        return (select(wanda_score(weight, g_pos), sparsity, granularity, n, m, backend, min_keep=1),
+                select(wanda_score(weight, g_neg), sparsity, granularity, n, m, backend, min_keep=1))
+    tb_pos = wanda_score(weight, mean_pos if act_pos is None else act_pos)
+    tb_neg = wanda_score(weight, mean_neg if act_neg is None else act_neg)
+    return (select(wanda_score(weight, g_pos), sparsity, granularity, n, m, backend, tie_break=tb_pos),
+            select(wanda_score(weight, g_neg), sparsity, granularity, n, m, backend, tie_break=tb_neg))
 
 
 def contrastive_sparse_masks(weight, act_pos, act_neg, sparsity=0.5, backend="auto"):
