@@ -2,6 +2,7 @@
 from ._native import BackendUnavailable
 from ._version import __version__
 from .calibrate import CalibrationConfig, CalibrationResult, calibrate
+from .export import bake, export
 from .masks import MaskConfig, MaskStore, build_masks
 from .model import apply, apply_neurons, is_applied, persona, remove, set_batch_personas, set_gamma, set_persona
 from .npti import NeuronSet, identify_neurons
@@ -13,7 +14,7 @@ from .stats import StatsConfig, StatsState
 
 __all__ = [
     "__version__", "BackendUnavailable", "CalibrationConfig", "CalibrationResult", "MaskConfig", "MaskStore", "NeuronSet",
-    "NonFiniteActivationError", "StatsConfig", "StatsState", "accumulate_stats", "apply", "apply_neurons",
+    "NonFiniteActivationError", "StatsConfig", "StatsState", "accumulate_stats", "apply", "apply_neurons", "bake", "export",
     "build_masks", "calibrate", "identify_neurons", "induce_neurons", "is_applied", "masked_linear", "persona", "remove",
     "set_batch_personas", "set_gamma", "set_persona",
 ]

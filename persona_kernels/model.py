@@ -76,7 +76,28 @@ def _build_format(kind: str, weight: torch.Tensor, masks: torch.Tensor, block: t
     return [weight * m.to(weight.dtype) for m in masks]  # dense: pre-masked copies
 
 
-class MaskedLinear(nn.Module):
+def _strip_base(module, state_dict, prefix, local_metadata):
+    """state_dict hook of the wrappers: the original's keys, not '<name>.base.<param>', so that
+    save_pretrained of an applied model writes the original checkpoint unchanged."""
+    for key in [k for k in state_dict if k.startswith(prefix + "base.")]:
+        state_dict[prefix + key[len(prefix) + 5:]] = state_dict.pop(key)
+
+
+class _OriginalKeys(nn.Module):
+    """Mixin of the persona wrappers: state_dict() and load_state_dict() use the original module's keys."""
+
+    def _register_original_keys(self):
+        self._register_state_dict_hook(_strip_base)
+        base_keys = [n for n, _ in self.base.named_parameters()] + [n for n, _ in self.base.named_buffers()]
+
+        def add_base(state_dict, prefix, *args):
+            for k in base_keys:
+                if prefix + k in state_dict and prefix + "base." + k not in state_dict:
+                    state_dict[prefix + "base." + k] = state_dict.pop(prefix + k)
+        self._register_load_state_dict_pre_hook(add_base)
+
+
+class MaskedLinear(_OriginalKeys):
     """A persona-masked stand-in for nn.Linear / Conv1D; ``base`` is the untouched original."""
 
     _pk_wrapper = True
@@ -84,6 +105,7 @@ class MaskedLinear(nn.Module):
     def __init__(self, base: nn.Module, handle: PersonaHandle, fmt, kind: str, backend: str):
         super().__init__()
         self.base = base
+        self._register_original_keys()
         self.out_features, self.in_features = linear_shape(base)
         self._handle, self._fmt, self._kind, self._backend = handle, fmt, kind, backend
         self._maybe_cached: set = set()  # per-persona formats whose dense cache may be alive
@@ -164,7 +186,7 @@ def fusable_activation(act: nn.Module) -> Optional[str]:
     return kind if same else None
 
 
-class InducedActivation(nn.Module):
+class InducedActivation(_OriginalKeys):
     """The MLP's act_fn with NPTI induction fused in: one induce_neurons pass computes
     act(gate) and the edit together (activations it cannot fuse run first, then the edit).
 
@@ -179,6 +201,7 @@ class InducedActivation(nn.Module):
                  strength: float, keep_prob: float, generator: torch.Generator, backend: str, device="cpu"):
         super().__init__()
         self.base = base
+        self._register_original_keys()
         self._deactivate, self._index, self._push = induction_plan(target, opposite, site, neurons, strength, device)
         self._neurons, self._keep_prob, self._strength, self._aspect = neurons, keep_prob, strength, target.aspect
         self._generator, self._backend = generator, backend

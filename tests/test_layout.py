@@ -19,7 +19,7 @@ LAYERS = [
     ["ops"],
     ["sites", "calibrate"],
     ["masks", "npti"],
-    ["model"],
+    ["model", "export"],
     ["app"],
 ]
 

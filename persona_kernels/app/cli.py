@@ -255,6 +255,21 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ..export import export
+    from ..masks import MaskStore
+
+    if not args.masks or not args.persona:
+        raise ValueError("export needs --masks FILE and --persona NAME")
+    model, tok = load_model(args.model, args.dtype, args.device)
+    store = MaskStore.load(args.masks, model=model)
+    path = export(model, store, args.persona, args.path, tokenizer=tok, format=args.format, overwrite=args.overwrite)
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    print(f"persona {args.persona!r} ({store.method}) written to {path} ({size / 2**20:.1f} MiB); "
+          f"load it with transformers.AutoModelForCausalLM.from_pretrained({path!r})")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run_decode_bench
 
@@ -402,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_args(p)
     p.set_defaults(func=cmd_study)
 
+    p = sub.add_parser("export", help="one persona baked into the weights -> a plain transformers checkpoint directory")
+    _common(p)
+    p.add_argument("--masks", help="mask store (.safetensors)")
+    p.add_argument("--persona", help="the persona to bake")
+    p.add_argument("--path", required=True, help="output directory (save_pretrained layout)")
+    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("bench", help="decode tokens/s: dense vs persona masks at several sparsities")
     _common(p)
     p.add_argument("--sparsity", default="0.5,0.7", help="comma-separated sparsities")
@@ -420,6 +444,7 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     from .._native import BackendUnavailable
     from ..data.loaders import DataFormatError
+    from ..export import ExportError  # noqa: F401 (a ValueError)
     from ..io import ArtifactError
 
     try:

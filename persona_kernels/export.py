@@ -1,0 +1,104 @@
+"""A persona out of the package: a plain checkpoint that transformers (and engines that read HF
+checkpoints) load without persona_kernels installed.
+
+``export(model, masks, persona, path, tokenizer)`` writes the model with that persona's mask
+applied to its weights (``W * M``, original tensor names, GPT-2's Conv1D in its own [in, out]
+layout) as a ``save_pretrained`` directory, atomically (a temp directory renamed into place).
+The soft gate and NPTI cannot be baked into weights (the gate could, but a checkpoint that
+silently differs from the persona layer's hard mask is worse than a refusal; NPTI is an
+activation edit), so both are refused with a clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .fingerprint import check_fingerprint
+from .hf import is_conv1d, unwrap
+from .masks.store import MaskStore
+
+FORMATS = ("hf",)
+
+
+class ExportError(ValueError):
+    """The persona cannot be written as asked (soft gate, NPTI, unknown persona, existing path...)."""
+
+
+def _check(model: nn.Module, masks: MaskStore, persona: str) -> None:
+    if not isinstance(masks, MaskStore):
+        raise TypeError(f"masks must be a MaskStore, got {type(masks).__name__}")
+    check_fingerprint(model, masks.fingerprint, "this mask store")
+    if persona not in masks.personas:
+        raise ExportError(f"persona {persona!r} is not in the mask store; it has {masks.personas}")
+    handle = getattr(model, "_persona_kernels", None)
+    if handle is not None and handle.gamma:
+        raise ExportError(f"the soft gate is on (gamma={handle.gamma}): export bakes the hard mask; set_gamma(model, 0) "
+                          "first, or keep the persona layer")
+    if handle is not None and handle.neurons:
+        raise ExportError("NPTI induction is applied: it edits activations at generation time and has no weight form; "
+                          "remove it (persona_kernels.remove) or keep the persona layer")
+
+
+@torch.no_grad()
+def baked_state_dict(model: nn.Module, masks: MaskStore, persona: str) -> dict:
+    """The model's state dict (original key names, also with the persona layer applied) with the
+    persona's mask multiplied into every masked weight; the other tensors are shared, not copied."""
+    _check(model, masks, persona)
+    sd = model.state_dict()
+    modules = dict(model.named_modules())
+    for layer in masks.layers:
+        key = f"{layer}.weight"
+        if key not in sd:
+            raise ExportError(f"{key} is not in the model's state dict")
+        base = unwrap(modules[layer])
+        mask = masks.mask(persona, layer).to(sd[key].device)
+        sd[key] = sd[key] * (mask.t() if is_conv1d(base) else mask).to(sd[key].dtype)
+    return sd
+
+
+def export(model: nn.Module, masks: MaskStore, persona: str, path: str, tokenizer=None, format: str = "hf",
+           overwrite: bool = False) -> str:
+    """Write ``persona`` of ``masks`` baked into ``model``'s weights to the directory ``path``."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; this version writes {FORMATS} (compressed-tensors and "
+                          "gguf are not written yet)")
+    path = os.fspath(path)
+    if os.path.exists(path) and not (overwrite and os.path.isdir(path)):
+        raise ExportError(f"{path} exists; pass overwrite=True (--overwrite) to replace a directory")
+    sd = baked_state_dict(model, masks, persona)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        model.save_pretrained(tmp, state_dict=sd)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info = {"persona": persona, "personas": masks.personas, "method": masks.method, "params": masks.params,
+                "fingerprint": masks.fingerprint, "masked_layers": len(masks.layers), "format": format}
+        with open(os.path.join(tmp, "persona_kernels.json"), "w") as f:
+            json.dump(info, f, indent=1, sort_keys=True, default=str)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def bake(model: nn.Module, masks: MaskStore, persona: str, copy: Optional[nn.Module] = None) -> nn.Module:
+    """Load the baked weights into ``copy`` (a model of the same architecture, e.g. a deepcopy) and return it."""
+    target = copy if copy is not None else model
+    if getattr(target, "_persona_kernels", None) is not None and target is model:
+        raise ExportError("bake in place needs a model without the persona layer (remove it, or pass copy=)")
+    target.load_state_dict(baked_state_dict(model, masks, persona))
+    return target
+
+
+__all__ = ["ExportError", "FORMATS", "bake", "baked_state_dict", "export"]

@@ -1,0 +1,110 @@
+"""Personas out of the package: a baked checkpoint that plain transformers loads, save_pretrained
+of an applied model, and the refusals (soft gate, NPTI, another model's masks)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import persona_kernels as pk
+import persona_kernels.model as pm
+from persona_kernels.app.cli import main
+from persona_kernels.export import ExportError, export
+from persona_kernels.fingerprint import FingerprintMismatch
+from persona_kernels.hf import linear_layers, linear_shape
+from persona_kernels.masks import MaskStore
+from persona_kernels.testing import char_tokenizer, tiny_causal_lm
+
+IDS = torch.tensor([[1, 20, 31, 42, 53, 64, 7]])
+
+
+def _store(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    masks = {p: {n: torch.rand(linear_shape(m), generator=g) < 0.5 for n, m in linear_layers(model)} for p in ("a", "b")}
+    return MaskStore.from_masks(model, masks, "random-test")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_exported_persona_loads_with_plain_transformers(arch, tmp_path):
+    model, tok = tiny_causal_lm(arch, seed=1), char_tokenizer()
+    store = _store(model)
+    pm.apply(model, store, persona="b")
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+    path = export(model, store, "b", tmp_path / "persona-b", tokenizer=tok)  # works with the layer applied
+    back = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert not any(getattr(m, "_pk_wrapper", False) for m in back.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+    pm.remove(model)
+    assert set(back.state_dict()) == set(model.state_dict())  # the original tensor names
+    with pytest.raises(ExportError, match="exists"):
+        export(model, store, "b", path)
+    export(model, store, "a", path, overwrite=True)  # replaced atomically
+    assert "persona_kernels.json" in {p.name for p in path_iter(path)}
+
+
+def path_iter(path):
+    import pathlib
+
+    return pathlib.Path(path).iterdir()
+
+
+def test_save_pretrained_of_an_applied_model_writes_the_original(tmp_path):
+    model = tiny_causal_lm("llama", seed=2)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    pm.apply(model, _store(model), persona="a")
+    model.save_pretrained(tmp_path / "m")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, original[k]), k  # no '*.base.weight' keys, nothing re-initialised
+    pm.remove(model)
+
+
+def test_export_refusals(tmp_path):
+    model = tiny_causal_lm("llama", seed=3)
+    store = _store(model)
+    other = tiny_causal_lm("llama", seed=3, hidden_size=32)
+    with pytest.raises(FingerprintMismatch):
+        export(other, store, "a", tmp_path / "x")
+    with pytest.raises(ExportError, match="not in the mask store"):
+        export(model, store, "zzz", tmp_path / "x")
+    pm.apply(model, store, persona="a", gamma=0.3)
+    with pytest.raises(ExportError, match="soft gate"):
+        export(model, store, "a", tmp_path / "x")
+    pm.remove(model)
+    with pytest.raises(ExportError, match="format"):
+        export(model, store, "a", tmp_path / "x", format="gguf")
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_export_refuses_npti(tmp_path):
+    from test_library import _npti_sets
+
+    model = tiny_causal_lm("llama", seed=4)
+    store = _store(model)
+    target, opposite = _npti_sets(model)
+    pm.apply_neurons(model, target, opposite)
+    with pytest.raises(ExportError, match="NPTI"):
+        export(model, store, "a", tmp_path / "x")
+    pm.remove(model)
+
+
+def test_bake_and_cli_export(tmp_path, capsys):
+    import copy
+
+    model, tok = tiny_causal_lm("llama", seed=5), char_tokenizer()
+    store = _store(model)
+    baked = pk.bake(model, store, "a", copy=copy.deepcopy(model))
+    pm.apply(model, store, persona="a")
+    with torch.no_grad():
+        torch.testing.assert_close(baked(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    pm.remove(model)
+    mdir = tmp_path / "model"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    store.save(tmp_path / "masks.safetensors")
+    assert main(["export", "--model", str(mdir), "--masks", str(tmp_path / "masks.safetensors"), "--persona", "a",
+                 "--path", str(tmp_path / "out")]) == 0
+    assert "written to" in capsys.readouterr().out
+    assert main(["export", "--model", str(mdir), "--masks", str(tmp_path / "masks.safetensors"),
+                 "--path", str(tmp_path / "out2")]) == 2
+    assert "--persona" in capsys.readouterr().err
