@@ -290,3 +290,40 @@ def test_contrastive_wanda_ties_go_to_the_persona_wanda_score():
     assert bool((tiny.sum(1) == 1).all())  # k = max(1, int(in (1 - s))) in the parity mode
     with pytest.raises(ValueError, match="tie_break"):
         contrastive_wanda_masks(w, m_pos, v, m_neg, v, tie_break="random")
+
+
+def _released_contrastive_sparse(w, sx_p, sxx_p, n_p, sx_n, sxx_n, n_n, sparsity):
+    """A re-implementation of the released contra.py formula (token-pooled E[x], E[x^2] - E[x]^2, torch.topk)."""
+    mu_p, mu_n = sx_p / n_p, sx_n / n_n
+    var_p, var_n = (sxx_p / n_p - mu_p ** 2).clamp(min=0), (sxx_n / n_n - mu_n ** 2).clamp(min=0)
+    score = w.abs() * ((mu_p - mu_n).abs() / torch.sqrt(var_p + var_n + 1e-6)).float()
+    k = int(w.shape[1] * (1 - sparsity))
+    pos = torch.zeros_like(w, dtype=torch.bool).scatter_(1, torch.topk(score, k, dim=1).indices, True)
+    neg_score = score.masked_fill(pos, float("-inf"))
+    neg = torch.zeros_like(pos).scatter_(1, torch.topk(neg_score, k, dim=1).indices, True)
+    return pos, neg
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
+def test_contrastive_sparse_code_matches_the_released_formula(sparsity):
+    from persona_kernels.masks import contrastive_sparse_code_masks
+
+    g = torch.Generator().manual_seed(int(sparsity * 10))
+    w = torch.randn(7, 50, generator=g)
+    xp, xn = torch.randn(300, 50, generator=g) * 1.3 + 0.2, torch.randn(200, 50, generator=g)
+    want = _released_contrastive_sparse(w, xp.double().sum(0), (xp.double() ** 2).sum(0), 300,
+                                        xn.double().sum(0), (xn.double() ** 2).sum(0), 200, sparsity)
+    from persona_kernels import StatsState, accumulate_stats
+
+    st_p, st_n = StatsState.empty(50), StatsState.empty(50)
+
+    accumulate_stats(xp[None], st_p)
+    accumulate_stats(xn[None], st_n)
+    pos, neg = contrastive_sparse_code_masks(w, st_p.mean[0], st_p.var()[0], st_n.mean[0], st_n.var()[0], sparsity)
+    assert torch.equal(pos, want[0])
+    if sparsity >= 0.5:  # below 0.5 the - mask takes tied -inf entries, whose order torch.topk leaves open
+        assert torch.equal(neg, want[1])
+        assert not bool((pos & neg).any())
+    else:
+        assert torch.equal(neg & ~pos, want[1] & ~want[0]) and bool((pos & neg).any())  # they overlap
+    assert bool((neg.sum(1) == pos.sum(1)).all())

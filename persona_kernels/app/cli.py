@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("masks", help="build persona masks from statistics -> masks-<method>.safetensors")
     _common(p)
     p.add_argument("--stats", help="statistics file (default: OUT/statistics.safetensors)")
-    p.add_argument("--method", default="wanda", choices=["wanda", "contrastive_wanda", "contrastive_sparse", "random", "magnitude"],
+    methods = ["wanda", "contrastive_wanda", "contrastive_sparse", "contrastive_sparse_code", "random", "magnitude"]
+    p.add_argument("--method", default="wanda", choices=methods,
                    help="a persona method, or a control (random, magnitude) at the same sparsity and layers")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control")
     p.add_argument("--sparsity", type=float, default=0.5)

@@ -3,6 +3,7 @@ from ..bitpack import pack_bits, unpack_bits
 from .build import MaskConfig, build_masks, linear_weight
 from .methods import (
                       block_mask,
+                      contrastive_sparse_code_masks,
                       contrastive_sparse_masks,
                       contrastive_wanda_masks,
                       contrastive_z,
@@ -13,5 +14,6 @@ from .methods import (
 )
 from .store import MaskStore
 
-__all__ = ["MaskConfig", "MaskStore", "block_mask", "build_masks", "contrastive_sparse_masks", "contrastive_wanda_masks",
+__all__ = ["MaskConfig", "MaskStore", "block_mask", "build_masks", "contrastive_sparse_code_masks",
+           "contrastive_sparse_masks", "contrastive_wanda_masks",
            "contrastive_z", "linear_weight", "pack_bits", "select", "soft_gate", "unpack_bits", "wanda_mask", "wanda_score"]

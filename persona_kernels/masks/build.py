@@ -13,7 +13,7 @@ from ..hf import LayerFilter, linear_weight
 from . import methods
 from .store import MaskStore
 
-METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse", "random", "magnitude")
+METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse", "contrastive_sparse_code", "random", "magnitude")
 CONTROLS = ("random", "magnitude")  # same sparsity and layers as a persona mask, no persona in them
 STATISTICS = ("sample_norm", "token_norm")
 
@@ -22,8 +22,9 @@ STATISTICS = ("sample_norm", "token_norm")
 class MaskConfig:
     """How to build masks.
 
-    method:      'wanda' (one mask per persona), 'contrastive_wanda' or 'contrastive_sparse'
-                 (two opposing personas, given as (positive, negative)); the controls 'random'
+    method:      'wanda' (one mask per persona), 'contrastive_wanda', 'contrastive_sparse' or
+                 'contrastive_sparse_code' (the released code's algorithm; two opposing personas,
+                 given as (positive, negative)); the controls 'random'
                  (seeded, a different mask per persona) and 'magnitude' (|W| only, the same for
                  every persona) at the same sparsity and layer set.
     sparsity:    fraction of weights removed, in [0, 1) (N:M fixes it at 1 - N/M).
@@ -66,7 +67,7 @@ class MaskConfig:
             raise ValueError(f"unknown tie_break {self.tie_break!r}; choose one of {methods.TIE_BREAKS}")
         if self.contrast not in ("relu", "softplus"):
             raise ValueError(f"unknown contrast {self.contrast!r}; use 'relu' or 'softplus'")
-        if self.method == "contrastive_sparse" and self.granularity != "row":
+        if self.method.startswith("contrastive_sparse") and self.granularity != "row":
             raise ValueError("contrastive_sparse selects per row; granularity must be 'row'")
 
 
@@ -120,6 +121,9 @@ def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[S
                 w, st.sample_norm_mean()[i], st.sample_norm_var()[i], st.sample_norm_mean()[j], st.sample_norm_var()[j],
                 contrast=cfg.contrast, tau=cfg.tau, tie_break=cfg.tie_break,
                 act_pos=_act(st, i, cfg.statistic), act_neg=_act(st, j, cfg.statistic), **sel)
+        elif cfg.method == "contrastive_sparse_code":
+            pos, neg = methods.contrastive_sparse_code_masks(w, st.mean[i], st.var()[i], st.mean[j], st.var()[j],
+                                                             cfg.sparsity, cfg.backend)
         else:
             pos, neg = methods.contrastive_sparse_masks(w, _act(st, i, cfg.statistic), _act(st, j, cfg.statistic),
                                                         cfg.sparsity, cfg.backend)

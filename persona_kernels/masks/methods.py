@@ -138,6 +138,24 @@ def contrastive_sparse_masks(weight, act_pos, act_neg, sparsity=0.5, backend="au
     return topk_mask(d, k, backend), topk_mask((-d).flip(1), k, backend).flip(1)
 
 
+def contrastive_sparse_code_masks(weight, mean_pos, var_pos, mean_neg, var_neg, sparsity=0.5, backend="auto"):
+    """Contrastive-Sparse as the Persona code releases it (contra.py), a different algorithm from
+    contrastive_sparse_masks: one shared score S = |W| * |mu+ - mu-| / sqrt(var+ + var- + 1e-6) from
+    token-level pooled means and population variances; the + mask is each row's top-k of S, the -
+    mask the top-k after the + entries are set to -inf, so it holds the lowest-contrast weights and
+    the two overlap when sparsity < 0.5. Any sparsity in [0, 1). (The released code computes var as
+    E[x^2] - mu^2 clamped at 0; this takes the Welford variance, which agrees up to rounding.)"""
+    check_sparsity(sparsity)
+    d = (mean_pos.double() - mean_neg.double()).abs() / (var_pos.double() + var_neg.double() + 1e-6).sqrt()
+    if not torch.isfinite(d).all():
+        raise ValueError("contrast is not finite (a persona with no calibration tokens?)")
+    score = weight.detach().float().abs() * d.to(device=weight.device, dtype=torch.float32)
+    k = keep_count(weight.shape[1], sparsity)
+    pos = topk_mask(score, k, backend)
+    # where k > in / 2 the - mask runs out of finite scores and takes -inf (+ mask) entries: lowest columns first
+    return pos, topk_mask(score.masked_fill(pos, float("-inf")), k, backend)
+
+
 def soft_gate(mask: torch.Tensor, gamma: float, dtype=torch.float32) -> torch.Tensor:
     """G = M + gamma * (1 - M); gamma = 0 is the hard mask, gamma = 1 the dense weight."""
     if not 0.0 <= gamma <= 1.0:
