@@ -72,9 +72,21 @@ class NeuronSet:
                    fingerprint=meta["fingerprint"], architecture=meta["architecture"], params=meta.get("params", {}))
 
 
+IDENTIFY_MODES = ("package", "npti-code")
+
+
 def identify_neurons(calib: CalibrationResult, aspect: str, opposite: str, threshold: float = 0.1,
-                     min_neurons: int = 2000, percentile_method: str = "reference") -> NeuronSet:
-    """Neurons that fire more under ``aspect`` than under ``opposite`` (NPTI identification)."""
+                     min_neurons: int = 2000, percentile_method: str = "reference", mode: str = "package") -> NeuronSet:
+    """Neurons that fire more under ``aspect`` than under ``opposite`` (NPTI identification).
+
+    ``mode='package'``: diff in float64, a stable sort (ties in model order) and a 1e-12 slack at
+    the threshold, so a count difference of exactly the threshold is kept. ``'npti-code'``: the
+    released code's cut (search_neuron.py): diff in float32, an unstable descending sort, the first
+    max(min_neurons, #(diff >= threshold)); with it use ``percentile_method='npti-code'`` and
+    statistics calibrated on ``npti_reference_edges()`` for the released p95.
+    """
+    if mode not in IDENTIFY_MODES:
+        raise ValueError(f"unknown identification mode {mode!r}; choose one of {IDENTIFY_MODES}")
     if aspect == opposite:
         raise ValueError("aspect and opposite must be different personas")
     i, j = calib.persona_index(aspect), calib.persona_index(opposite)
@@ -99,15 +111,22 @@ def identify_neurons(calib: CalibrationResult, aspect: str, opposite: str, thres
         po.append(p_o)
         p95.append(st.percentile(95, percentile_method)[i])
     site_t, index_t, diff_t = torch.cat(site_idx), torch.cat(index), torch.cat(diff)
-    # stable sort: ties keep model order (earlier site, lower neuron index)
-    order = torch.sort(diff_t, descending=True, stable=True).indices
-    # 1e-12 slack: a count difference of exactly the threshold must not be lost to rounding
-    n_keep = max(int((diff_t >= threshold - 1e-12).sum()), min(min_neurons, diff_t.numel()))
+    if mode == "npti-code":
+        d32 = torch.cat([p.float() for p in pa]) - torch.cat([p.float() for p in po])
+        order = torch.sort(d32, descending=True).indices
+        n_keep = min(max(min_neurons, int((d32 >= threshold).sum())), d32.numel())
+        diff_t = d32.double()
+    else:
+        # stable sort: ties keep model order (earlier site, lower neuron index)
+        order = torch.sort(diff_t, descending=True, stable=True).indices
+        # 1e-12 slack: a count difference of exactly the threshold must not be lost to rounding
+        n_keep = max(int((diff_t >= threshold - 1e-12).sum()), min(min_neurons, diff_t.numel()))
     keep = order[:n_keep]
     keep = keep[torch.argsort(site_t[keep] * diff_t.numel() + index_t[keep])]  # back to model order
     return NeuronSet(aspect, opposite, sites, site_t[keep], index_t[keep], diff_t[keep], torch.cat(pa)[keep],
                      torch.cat(po)[keep], torch.cat(p95)[keep], calib.fingerprint, calib.architecture,
-                     {"threshold": threshold, "min_neurons": min_neurons, "percentile_method": percentile_method})
+                     {"threshold": threshold, "min_neurons": min_neurons, "percentile_method": percentile_method,
+                      "mode": mode})
 
 
 def push_strength(diff: torch.Tensor, p95: torch.Tensor, strength: float) -> torch.Tensor:

@@ -156,3 +156,67 @@ def test_induce_op_bad_input():
         induce_neurons(a.double(), torch.zeros(8, dtype=torch.bool), torch.zeros(8))
     with pytest.raises(ValueError, match="act must be"):
         induce_neurons(a, torch.zeros(8, dtype=torch.bool), torch.zeros(8), act="relu")
+
+
+def test_npti_reference_edges_are_the_released_ones():
+    from persona_kernels.stats import npti_reference_edges
+
+    e = npti_reference_edges()
+    ref = torch.arange(0, 3.01, 0.01, dtype=torch.float32)
+    ref[-1] = math.inf
+    assert len(e) == 302 and e[0] == -math.inf and e[-1] == math.inf
+    assert torch.equal(torch.tensor(e[1:], dtype=torch.float32), ref)  # bit for bit, float32 rounding included
+    assert e[-2] == pytest.approx(2.99)
+
+
+def _released_p95(hist):
+    """search_neuron.py's read-out on histograms [N, bins] with the reference edges."""
+    edges = torch.tensor(npti_reference_edges_list(), dtype=torch.float32)
+    cum = hist.float().cumsum(-1)
+    thr = 0.95 * hist.float().sum(-1, keepdim=True)
+    return edges[torch.searchsorted(cum, thr, right=False)].squeeze(-1)
+
+
+def npti_reference_edges_list():
+    from persona_kernels.stats import npti_reference_edges
+
+    return npti_reference_edges()
+
+
+def test_npti_code_percentile_matches_the_released_read_out():
+    from persona_kernels.stats import percentile
+
+    g = torch.Generator().manual_seed(0)
+    hist = torch.randint(0, 50, (40, 301), generator=g)
+    hist[:5, 1:] = 0  # everything at or below 0: p95 = -inf (the package then pushes nothing)
+    edges = torch.tensor(npti_reference_edges_list(), dtype=torch.float32)
+    got = percentile(hist, edges, 95, "npti-code")
+    want = _released_p95(hist).double()
+    assert torch.equal(got, want)
+    assert bool(torch.isinf(got[:5]).all())
+
+
+def test_npti_code_identification_cut():
+    from persona_kernels.npti import identify_neurons
+
+    calib = _two_persona_calib()
+    pkg = identify_neurons(calib, "a", "b", threshold=0.1, min_neurons=3)
+    code = identify_neurons(calib, "a", "b", threshold=0.1, min_neurons=3, mode="npti-code")
+    # the released cut: float32 diff, the first max(min_neurons, #(diff >= 0.1)) of a descending sort
+    sites = [n for n, s in calib.sites.items() if s.kind == "act"]
+    d32 = torch.cat([calib.stats[n].firing_prob()[0].float() - calib.stats[n].firing_prob()[1].float() for n in sites])
+    n_keep = max(3, int((d32 >= 0.1).sum()))
+    assert len(code) == n_keep
+    width = calib.stats[sites[0]].num_channels
+    flat = torch.sort(d32, descending=True).indices[:n_keep]
+    assert set(zip(code.site.tolist(), code.index.tolist())) == {(int(f) // width, int(f) % width) for f in flat}
+    assert torch.equal(code.diff.float(), d32[code.site * width + code.index])
+    assert len(pkg) == max(3, int((pkg.diff >= 0.1 - 1e-12).sum()))
+    with pytest.raises(ValueError, match="mode"):
+        identify_neurons(calib, "a", "b", mode="paper")
+
+
+def _two_persona_calib():
+    model, tok = tiny_causal_lm("llama", seed=3), char_tokenizer()
+    return calibrate(model, tok, {"a": ["happy loud party", "we dance all night"], "b": ["quiet book", "alone at home"]},
+                           progress=False)

@@ -1,5 +1,5 @@
 from .config import StatsConfig
-from .histogram import npti_edges, percentile
+from .histogram import npti_edges, npti_reference_edges, percentile
 from .state import StatsState, chan_merge
 
-__all__ = ["StatsConfig", "StatsState", "chan_merge", "npti_edges", "percentile"]
+__all__ = ["StatsConfig", "StatsState", "chan_merge", "npti_edges", "npti_reference_edges", "percentile"]

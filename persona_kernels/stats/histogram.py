@@ -15,6 +15,15 @@ def npti_edges() -> list[float]:
     return [-math.inf] + [round(0.01 * i, 2) for i in range(301)] + [math.inf]
 
 
+def npti_reference_edges() -> list[float]:
+    """The NPTI code's own edges (search_neuron.py), for parity: -inf, then float32
+    arange(0, 3.01, 0.01) with its last edge replaced by +inf: 302 edges, 301 bins, the last
+    finite edge 2.99, values as float32 rounds them."""
+    e = torch.arange(0, 3.01, 0.01, dtype=torch.float32)
+    e[-1] = math.inf
+    return [-math.inf] + e.tolist()
+
+
 def validate_edges(edges: Sequence[float]) -> torch.Tensor:
     t = torch.as_tensor(list(edges), dtype=torch.float32)
     if t.ndim != 1 or t.numel() < 2:
@@ -42,12 +51,21 @@ def percentile(hist: torch.Tensor, edges: torch.Tensor, q: float, method: str = 
     ``reference``: the lower edge of the first bin whose cumulative count reaches q% of the
     total (NPTI's read-out; can be -inf when that is the first bin's edge).
     ``interpolate``: linear inside that bin; infinite outer edges are replaced by the observed
-    ``lo``/``hi`` (min/max) when given. Rows with no counts give NaN.
+    ``lo``/``hi`` (min/max) when given. ``npti-code``: the released code's arithmetic (float32
+    cumulative sum, threshold q% of the total, searchsorted left, that bin's lower edge). Rows
+    with no counts give NaN.
     """
     if not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile q must be in [0, 100], got {q}")
-    if method not in ("reference", "interpolate"):
-        raise ValueError(f"unknown percentile method {method!r}; use 'reference' or 'interpolate'")
+    if method not in ("reference", "interpolate", "npti-code"):
+        raise ValueError(f"unknown percentile method {method!r}; use 'reference', 'interpolate' or 'npti-code'")
+    if method == "npti-code":  # the released read-out: float32 cumsum, searchsorted left at 0.95 * total
+        h32 = hist.to(torch.float32)
+        cum32 = h32.cumsum(-1)
+        thr = h32.sum(-1, keepdim=True) * (q / 100.0)
+        idx = torch.searchsorted(cum32.contiguous(), thr.contiguous(), right=False).clamp(max=h32.shape[-1] - 1)
+        out = edges.to(device=hist.device, dtype=torch.float32)[idx].squeeze(-1).to(torch.float64)
+        return torch.where(thr.squeeze(-1) > 0, out, torch.full_like(out, math.nan))
     h = hist.to(torch.float64)
     total = h.sum(-1, keepdim=True)
     cum = h.cumsum(-1)
