@@ -450,8 +450,8 @@ def main(argv: Optional[list] = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, ArtifactError, DataFormatError,
-            BackendUnavailable) as exc:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            ArtifactError, DataFormatError, BackendUnavailable) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"persona-kernels {args.command}: error: {msg}", file=sys.stderr)
         return 2
