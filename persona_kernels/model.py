@@ -153,9 +153,11 @@ class MaskedLinear(_OriginalKeys):
         x2 = x.to(dev).reshape(-1, self.in_features)
         if h.batch is not None:
             B = h.batch.numel()
-            if x.ndim < 2 or x.shape[0] != B:
+            # [B, ..., in], or flattened tokens [B*T, in] in batch-major order (OPT's MLP, MoE shared experts)
+            ok = x.ndim >= 2 and (x.shape[0] == B or (x.ndim == 2 and x.shape[0] % B == 0))
+            if not ok:
                 raise PersonaError(f"set_batch_personas was given {B} personas but the batch has "
-                                   f"{x.shape[0] if x.ndim >= 2 else 1} sequences")
+                                   f"{x.shape[0] if x.ndim >= 2 else 1} sequences (or rows not a multiple of {B})")
             persona = h.batch.to(dev).repeat_interleave(x2.shape[0] // B)
         else:
             persona = h.current

@@ -108,3 +108,27 @@ def test_bake_and_cli_export(tmp_path, capsys):
     assert main(["export", "--model", str(mdir), "--masks", str(tmp_path / "masks.safetensors"),
                  "--path", str(tmp_path / "out2")]) == 2
     assert "--persona" in capsys.readouterr().err
+
+
+def test_mixed_batch_on_a_model_with_flattened_mlp_inputs():
+    """OPT runs its MLP on [B*T, H]: a mixed batch still gives each sequence its own persona."""
+    import transformers
+
+    cfg = transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    store = _store(model, seed=7)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    pm.apply(model, store, format="shared_bitmask")
+    want = []
+    for i, p in enumerate(("a", "b")):
+        pm.set_persona(model, p)
+        with torch.no_grad():
+            want.append(model(input_ids=ids[i:i + 1]).logits[0])
+    pm.set_batch_personas(model, ["a", "b"])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    for i in range(2):
+        torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-5)
+    pm.remove(model)
