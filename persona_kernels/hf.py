@@ -50,6 +50,15 @@ def linear_shape(module: nn.Module) -> Optional[tuple[int, int]]:
     return None
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """nn.Linear / Conv1D whose forward is the plain linear map (not a subclass with its own
+    forward, such as Llama4's router, which returns a tuple): only these are swapped."""
+    module = unwrap(module)
+    if is_conv1d(module):
+        return type(module).forward is Conv1D.forward
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight in linear orientation [out, in] (a view: Conv1D stores it [in, out])."""
     module = unwrap(module)
@@ -66,9 +75,10 @@ def is_output_head(model: nn.Module, name: str, module: nn.Module) -> bool:
 
 
 def linear_layers(model: nn.Module, include_head: bool = False) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every linear layer in module order, the output head excluded by default."""
+    """(name, module) of every plain linear layer in module order (see is_plain_linear), the output
+    head excluded by default."""
     return [(n, m) for n, m in model.named_modules()
-            if linear_shape(m) is not None and not getattr(m, "_pk_wrapper", False)
+            if linear_shape(m) is not None and not getattr(m, "_pk_wrapper", False) and is_plain_linear(m)
             and (include_head or not is_output_head(model, n, m))]
 
 
@@ -155,5 +165,5 @@ class LayerFilter:
 
 
 __all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture", "activation_attr",
-           "check_supported", "gated_mlps", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head",
+           "check_supported", "gated_mlps", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear",
            "layer_index", "linear_layers", "linear_shape", "linear_weight", "output_head", "set_module", "unwrap"]

@@ -21,7 +21,17 @@ import torch.nn as nn
 
 from .fingerprint import check_fingerprint
 from .formats import BitmapWeight, BlockSparseWeight, CompactedWeight, SharedBitmask
-from .hf import LayerFilter, activation_attr, check_supported, gated_mlps, intermediate_size, linear_shape, linear_weight, set_module
+from .hf import (
+    LayerFilter,
+    activation_attr,
+    check_supported,
+    gated_mlps,
+    intermediate_size,
+    is_plain_linear,
+    linear_shape,
+    linear_weight,
+    set_module,
+)
 from .masks.store import MaskStore
 from .npti import NeuronSet, induction_add, induction_plan
 from .ops.induce_neurons import ACTIVATIONS, induce_neurons
@@ -256,7 +266,10 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     if unknown:
         raise PersonaError(f"layers without masks in the store: {unknown[:5]}")
     modules = dict(model.named_modules())
-    if filter_fn is not None:
+    not_plain = [n for n in names if n in modules and not is_plain_linear(modules[n])]
+    if not_plain:
+        raise PersonaError(f"{not_plain[:3]}: not plain linear maps (a subclass of nn.Linear with its own forward, e.g. "
+                           "a router returning a tuple); they cannot be swapped. Drop them from the mask store")
         names = LayerFilter(filter_fn=filter_fn).select(names, modules)
         if not names:
             raise PersonaError("filter_fn kept none of the masked layers")

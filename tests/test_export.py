@@ -132,3 +132,25 @@ def test_mixed_batch_on_a_model_with_flattened_mlp_inputs():
     for i in range(2):
         torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-5)
     pm.remove(model)
+
+
+def test_linear_subclasses_with_their_own_forward_are_never_swapped():
+    """A router-like nn.Linear subclass returning a tuple is neither calibrated nor masked, and a
+    mask store naming it is refused before anything changes."""
+    from persona_kernels.hf import is_plain_linear
+
+    class Router(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x), x
+
+    model = tiny_causal_lm("llama", seed=8)
+    assert all(is_plain_linear(m) for _, m in linear_layers(model))
+    store = _store(model)
+    model.model.layers[0].mlp.router = Router(64, 4)
+    assert "model.layers.0.mlp.router" not in dict(linear_layers(model))
+    masks = {p: {**{n: store.mask(p, n) for n in store.layers}, "model.layers.0.mlp.router": torch.ones(4, 64, dtype=torch.bool)}
+             for p in store.personas}
+    bad = MaskStore.from_masks(model, masks)
+    with pytest.raises(pm.PersonaError, match="not plain linear"):
+        pm.apply(model, bad, persona="a")
+    assert not pm.is_applied(model) and not any(getattr(m, "_pk_wrapper", False) for m in model.modules())
