@@ -93,3 +93,47 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("calibrate", "masks", "neurons", "localize", "generate", "eval", "bench", "env", "demo"):
         assert cmd in out
+
+
+def _run_cli(*argv):
+    """The CLI as a user runs it: a subprocess, no stdin; returns (exit code, stderr)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "persona_kernels", *argv], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["calibrate", "--device", "bogus"], "is not a device"),
+    (["calibrate", "--device", "cuda:0"], "no CUDA device"),
+    (["calibrate", "--personas", "a", "--csv", "x.csv"], "two different names"),
+    (["calibrate", "--personas", "a,b,c", "--csv", "x.csv"], "two different names"),
+    (["calibrate", "--personas", "a,a", "--csv", "x.csv"], "two different names"),
+])
+def test_cli_bad_arguments_exit_2_without_a_traceback(argv, message, tmp_path):
+    if "--csv" in argv:
+        csv = tmp_path / "x.csv"
+        csv.write_text("question,matching,not_matching\nq?,yes,no\n")
+        argv = [str(csv) if a == "x.csv" else a for a in argv]
+    code, err = _run_cli(*argv, "--out", str(tmp_path / "o"))
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_cli_out_is_checked_before_work_and_files_with_bom_or_dirs(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, err = _run_cli("calibrate", "--out", str(f))
+    assert code == 2 and "is a file" in err and "Traceback" not in err
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffquestion,matching,not_matching\nq?,yes,no\n".encode("utf-8"))
+    from persona_kernels.data import load_persona_pairs
+
+    assert load_persona_pairs(bom) == {"matching": [("q?", "yes")], "not_matching": [("q?", "no")]}
+    code, err = _run_cli("calibrate", "--csv", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert code == 2 and "is a directory" in err
+    a = tmp_path / "a.txt"
+    a.write_text("hello\n")
+    code, err = _run_cli("calibrate", "--texts", f"x={a}", "--texts", f"x={a}", "--out", str(tmp_path / "o"))
+    assert code == 2 and "twice" in err

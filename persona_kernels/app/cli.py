@@ -19,6 +19,8 @@ def load_texts(args) -> dict:
             name, sep, path = item.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"--texts expects NAME=PATH, got {item!r}")
+            if name in out:
+                raise ValueError(f"--texts names persona {name!r} twice; give each persona one file")
             out[name] = data.load_text_lines(path)
         return out
     if args.csv:
@@ -51,8 +53,38 @@ def prompt_format(args):
 
 
 def _out(args, name: str) -> str:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; give a directory")
     os.makedirs(args.out, exist_ok=True)
     return os.path.join(args.out, name)
+
+
+def _check_out(args) -> None:
+    """Before any long work: --out must be a directory we can write."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; give a directory")
+    probe = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out)) or "."
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK):
+        raise ValueError(f"--out {out}: {probe} is not writable")
+
+
+def _check_device(args) -> None:
+    dev = getattr(args, "device", None)
+    if dev is None or dev == "auto":
+        return
+    import torch
+
+    try:
+        d = torch.device(dev)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {dev!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {dev}: no CUDA device is visible here (torch {torch.__version__}); use --device cpu")
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -103,6 +135,8 @@ def cmd_neurons(args) -> int:
 
     model, _ = load_model(args.model, args.dtype, args.device)
     calib = CalibrationResult.load(args.stats or _out(args, "statistics.safetensors"), model=model)
+    if len(calib.personas) < 2 and not (args.aspect and args.opposite):
+        raise ValueError(f"neurons needs statistics of two personas (a trait's two poles); these hold {calib.personas}")
     aspect, opposite = args.aspect or calib.personas[0], args.opposite or calib.personas[1]
     for a, o in ((aspect, opposite), (opposite, aspect)):
         ns = identify_neurons(calib, a, o, threshold=args.threshold, min_neurons=args.min_neurons)
@@ -449,6 +483,8 @@ def main(argv: Optional[list] = None) -> int:
     from ..io import ArtifactError
 
     try:
+        _check_out(args)
+        _check_device(args)
         return args.func(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
             ArtifactError, DataFormatError, BackendUnavailable) as exc:

@@ -18,10 +18,12 @@ class DataFormatError(ValueError):
 
 def _read(path) -> str:
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataFormatError(f"{path}: is a directory, not a data file")
     if not os.path.isfile(path):
         raise DataFormatError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
+    try:  # utf-8-sig: spreadsheet programs write a byte-order mark
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except UnicodeDecodeError as exc:
         raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from exc
