@@ -270,6 +270,7 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     if not_plain:
         raise PersonaError(f"{not_plain[:3]}: not plain linear maps (a subclass of nn.Linear with its own forward, e.g. "
                            "a router returning a tuple); they cannot be swapped. Drop them from the mask store")
+    if filter_fn is not None:
         names = LayerFilter(filter_fn=filter_fn).select(names, modules)
         if not names:
             raise PersonaError("filter_fn kept none of the masked layers")

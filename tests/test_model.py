@@ -343,3 +343,17 @@ def test_large_batches_keep_one_dense_copy_per_layer():
     torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.base.weight * mask, layer.base.bias),
                                rtol=1e-5, atol=1e-5)
     pm.remove(model)
+
+
+def test_apply_filter_fn_keeps_only_chosen_layers():
+    model, tok, calib, store = _setup("llama")
+    down = [n for n in store.layers if n.endswith("down_proj")]
+    only_down = MaskStore.from_masks(model, {p: {n: store.mask(p, n) for n in down} for p in store.personas})
+    want = _logits(masked_copy(model, only_down, "extravert"), tok)
+    handle = pm.apply(model, store, persona="extravert", filter_fn=lambda module, name: name.endswith("down_proj"))
+    assert sorted(handle.swapped) == sorted(down)
+    torch.testing.assert_close(_logits(model, tok), want, rtol=1e-5, atol=1e-5)
+    pm.remove(model)
+    with pytest.raises(pm.PersonaError, match="kept none"):
+        pm.apply(model, store, filter_fn=lambda m, n: False)
+    assert not pm.is_applied(model)
