@@ -17,7 +17,7 @@ from .fingerprint import architecture, check_fingerprint, model_fingerprint
 from .io import load_artifact, save_artifact
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
 from .prompts import PromptFormat
-from .sites import Site, check_supported, discover_sites
+from .sites import KINDS, Site, check_supported, discover_sites
 from .stats import StatsConfig, StatsState
 
 KIND = "statistics"
@@ -29,10 +29,11 @@ PAIR_SCOPES = ("answer", "prompt", "both")
 class CalibrationConfig:
     """How to calibrate.
 
-    kinds:         site kinds, 'linear' (linear-layer inputs) and/or 'act' (gated-MLP activations).
+    kinds:         site kinds: 'linear' (linear-layer inputs), 'act' (gated-MLP activations),
+                   'resid' (decoder-layer outputs: the residual stream steering vectors come from).
     layers:        decoder layer indices to keep (None: all).
-    mlp_only:      keep only sites inside MLP blocks.
-    include/exclude: regexes on site names.
+    mlp_only:      keep only linear/act sites inside MLP blocks.
+    include/exclude: regexes on linear/act site names ('resid' sites follow ``layers`` only).
     batch_size, max_length: tokenisation and batching.
     histogram_kinds: site kinds that also keep a histogram (NPTI needs it at 'act').
     edges:         histogram edges (None: NPTI's).
@@ -47,7 +48,7 @@ class CalibrationConfig:
                    tokenizer's chat template when it has one).
     """
 
-    kinds: tuple = ("linear", "act")
+    kinds: tuple = KINDS
     layers: Optional[list] = None
     mlp_only: bool = False
     include: Optional[str] = None
@@ -67,10 +68,10 @@ class CalibrationConfig:
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
         self.histogram_kinds = tuple(self.histogram_kinds)
-        if not self.kinds or any(k not in ("linear", "act") for k in self.kinds):
-            raise ValueError(f"kinds must be a non-empty subset of ('linear', 'act'), got {self.kinds}")
-        if any(k not in ("linear", "act") for k in self.histogram_kinds):
-            raise ValueError(f"histogram_kinds must be a subset of ('linear', 'act'), got {self.histogram_kinds}")
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        if any(k not in KINDS for k in self.histogram_kinds):
+            raise ValueError(f"histogram_kinds must be a subset of {KINDS}, got {self.histogram_kinds}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if not isinstance(self.max_length, int) or self.max_length < 1:
@@ -179,7 +180,8 @@ class _Collector:
     def _hook(self, site: Site, from_output: bool):
         def hook(module, args, *rest):
             if self.enabled:
-                self.collect(site, rest[0] if from_output else args[0])
+                x = rest[0] if from_output else args[0]
+                self.collect(site, x[0] if isinstance(x, tuple) else x)  # decoder layers may return a tuple
         return hook
 
     def collect(self, site: Site, x: torch.Tensor) -> None:

@@ -120,6 +120,27 @@ def layer_index(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the decoder layers in order: the children of the nn.ModuleList named
+    layers / h / blocks with ``config.num_hidden_layers`` entries (else the longest such list).
+    Their outputs are the residual stream that steering vectors are read from and added to."""
+    lists = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and n.rpartition(".")[2] in ("layers", "h", "blocks") and len(m)]
+    if not lists:
+        return []
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    name, layers = next(((n, m) for n, m in lists if len(m) == depth), max(lists, key=lambda nm: len(nm[1])))
+    return [(f"{name}.{i}", layer) for i, layer in enumerate(layers)]
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the residual stream (the input embedding's dimension)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or not hasattr(emb, "embedding_dim"):
+        raise UnsupportedArchitecture(f"{type(model).__name__}: no input embedding to read the hidden size from")
+    return emb.embedding_dim
+
+
 def in_mlp_block(name: str) -> bool:
     return _MLP_BLOCK.search(name) is not None
 
@@ -165,5 +186,5 @@ class LayerFilter:
 
 
 __all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture", "activation_attr",
-           "check_supported", "gated_mlps", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear",
+           "check_supported", "decoder_layers", "gated_mlps", "hidden_size", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear",
            "layer_index", "linear_layers", "linear_shape", "linear_weight", "output_head", "set_module", "unwrap"]

@@ -5,6 +5,7 @@
     with persona(model, "extravert"): model.generate(...)
     set_batch_personas(model, ["extravert", "introvert"])  # one persona per sequence
     apply_neurons(model, target_set, opposite_set, strength=1.0)  # NPTI induction
+    apply_steering(model, vectors, layers=[20], strength=4.0)     # steering vectors, per persona
     remove(model)                                        # original modules back, bit for bit
 
 The original modules are kept untouched inside the wrappers, so ``remove`` restores the exact
@@ -25,6 +26,7 @@ from .hf import (
     LayerFilter,
     activation_attr,
     check_supported,
+    decoder_layers,
     gated_mlps,
     intermediate_size,
     is_plain_linear,
@@ -36,6 +38,7 @@ from .masks.store import MaskStore
 from .npti import NeuronSet, induction_add, induction_plan
 from .ops.induce_neurons import ACTIVATIONS, induce_neurons
 from .ops.masked_linear import masked_linear
+from .steering import SteeringVectors
 
 FORMATS = ("auto", "bitmap", "shared_bitmask", "compacted", "block", "dense")
 _ATTR = "_persona_kernels"
@@ -56,6 +59,8 @@ class PersonaHandle:
     gamma: float = 0.0
     swapped: dict = field(default_factory=dict)   # module name -> original module
     neurons: dict = field(default_factory=dict)   # mlp name -> original activation module
+    steering: dict = field(default_factory=dict)  # decoder-layer name -> forward-hook handle
+    steer_strength: float = 0.0
     format: str = "bitmap"
 
     def index(self, name: Optional[str]) -> Optional[int]:
@@ -329,9 +334,88 @@ def apply_neurons(model: nn.Module, target: NeuronSet, opposite: Optional[Neuron
     return handle
 
 
+class _SteeringHook:
+    """Forward hook of one decoder layer: adds strength * v[persona] to its output, the residual
+    stream (one vector per sequence in a mixed batch; nothing with persona None). The table holds
+    a row per persona of the handle, in the layer's dtype and device."""
+
+    def __init__(self, handle: PersonaHandle, table: torch.Tensor):
+        self.handle, self.table = handle, table
+
+    def __call__(self, module, args, out):
+        h = self.handle
+        if (h.batch is None and h.current is None) or not h.steer_strength:
+            return None
+        hidden = out[0] if isinstance(out, tuple) else out
+        if h.batch is not None:
+            if hidden.shape[0] != h.batch.numel():
+                raise PersonaError(f"set_batch_personas was given {h.batch.numel()} personas but the batch has "
+                                   f"{hidden.shape[0]} sequences")
+            add = self.table.index_select(0, h.batch.to(self.table.device)).view(-1, *([1] * (hidden.ndim - 2)),
+                                                                                 self.table.shape[1])
+        else:
+            add = self.table[h.current]
+        hidden = hidden + h.steer_strength * add.to(hidden.device)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def apply_steering(model: nn.Module, vectors: SteeringVectors, layers: Optional[Sequence] = None, strength: float = 1.0,
+                   persona: Optional[str] = None) -> PersonaHandle:
+    """Add ``strength * v[persona]`` to the output of the given decoder layers (indices or names;
+    None: every layer of ``vectors``), switched with the persona like a mask (set_persona,
+    set_batch_personas, unmodified) and combinable with apply() and apply_neurons() (in that
+    order). On a model with masks, personas without a vector get none; ``remove`` takes the
+    hooks out (no weight is touched)."""
+    if not isinstance(vectors, SteeringVectors):
+        raise TypeError(f"vectors must be SteeringVectors, got {type(vectors).__name__}")
+    check_fingerprint(model, vectors.fingerprint, "these steering vectors")
+    handle = getattr(model, _ATTR, None)
+    if handle is not None and handle.steering:
+        raise PersonaError("steering vectors are already applied; remove(model) first")
+    names = vectors.select(layers)
+    modules = dict(decoder_layers(model))
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise PersonaError(f"{missing[0]} is not a decoder layer of this model")
+    personas = handle.personas if handle is not None and handle.personas else list(vectors.personas)
+    foreign = [p for p in vectors.personas if p not in personas]
+    if foreign:
+        raise PersonaError(f"steering persona {foreign[0]!r} is not among the applied personas {personas}")
+    strength = float(strength)
+    if persona is not None and persona not in personas:
+        raise PersonaError(f"persona {persona!r} is not applied to this model; it has {personas}")
+    tables = {}
+    for name in names:  # built first: a failure changes nothing
+        ref = next(modules[name].parameters())
+        table = torch.zeros(len(personas), vectors.vectors[name].shape[1])
+        for k, p in enumerate(vectors.personas):
+            table[personas.index(p)] = vectors.vectors[name][k]
+        tables[name] = table.to(device="cpu" if ref.device.type == "meta" else ref.device, dtype=ref.dtype)
+    if handle is None:
+        handle = PersonaHandle(model, personas)
+        setattr(model, _ATTR, handle)
+    handle.personas = personas
+    handle.steer_strength = strength
+    for name, table in tables.items():
+        handle.steering[name] = modules[name].register_forward_hook(_SteeringHook(handle, table))
+    if persona is not None:
+        handle.current = handle.index(persona)
+    return handle
+
+
+def set_steering_strength(model: nn.Module, strength: float) -> None:
+    """Scale of the applied steering vectors (0: off). Constant time."""
+    h = _handle(model)
+    if not h.steering:
+        raise PersonaError("no steering vectors are applied to this model (apply_steering first)")
+    h.steer_strength = float(strength)
+
+
 def remove(model: nn.Module) -> None:
     """Put every original module back (the state_dict is then bit-for-bit the original)."""
     h = _handle(model)
+    for hook in h.steering.values():
+        hook.remove()
     for name, base in h.swapped.items():
         set_module(model, name, base)
     for mlp_name, act in h.neurons.items():
@@ -401,4 +485,5 @@ def is_applied(model: nn.Module) -> bool:
 
 
 __all__ = ["InducedActivation", "MaskedLinear", "fusable_activation", "PersonaError", "PersonaHandle", "apply", "apply_neurons",
-           "is_applied", "persona", "remove", "set_batch_personas", "set_gamma", "set_persona", "unmodified"]
+           "apply_steering", "is_applied", "persona", "remove", "set_batch_personas", "set_gamma", "set_persona",
+           "set_steering_strength", "unmodified"]

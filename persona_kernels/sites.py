@@ -12,7 +12,9 @@ from .hf import (  # noqa: F401
     UnsupportedArchitecture,
     activation_attr,
     check_supported,
+    decoder_layers,
     gated_mlps,
+    hidden_size,
     intermediate_size,
     layer_index,
     linear_layers,
@@ -22,7 +24,8 @@ from .hf import (  # noqa: F401
 
 @dataclass(frozen=True)
 class Site:
-    """One hook point. kind 'linear': the input of a linear layer; 'act': act_fn(gate) of a gated MLP."""
+    """One hook point. kind 'linear': the input of a linear layer; 'act': act_fn(gate) of a gated
+    MLP; 'resid': the output of a decoder layer (the residual stream, for steering vectors)."""
 
     name: str          # the site's key, e.g. "model.layers.0.mlp.down_proj" or "model.layers.0.mlp.act_fn"
     kind: str
@@ -31,17 +34,21 @@ class Site:
     layer: Optional[int]
 
 
-def discover_sites(model: nn.Module, kinds: Sequence[str] = ("linear", "act"), layers: Optional[Sequence[int]] = None,
+KINDS = ("linear", "act", "resid")
+
+
+def discover_sites(model: nn.Module, kinds: Sequence[str] = KINDS, layers: Optional[Sequence[int]] = None,
                    mlp_only: bool = False, include: Optional[str] = None, exclude: Optional[str] = None) -> list[Site]:
     """Every site of the requested kinds, in module order, after the filters.
 
-    Defaults: every linear layer except the LM head (embeddings are not linear layers), plus
-    the activation of every gated MLP. ``layers`` keeps decoder layers by index, ``mlp_only``
-    keeps sites inside MLP blocks, ``include``/``exclude`` are regexes on the site name.
+    Defaults: every linear layer except the LM head (embeddings are not linear layers), the
+    activation of every gated MLP, and every decoder layer's output. ``layers`` keeps decoder
+    layers by index, ``mlp_only`` keeps sites inside MLP blocks, ``include``/``exclude`` are
+    regexes on the site name; 'resid' sites follow ``layers`` only (they are no layer's input).
     """
     for k in kinds:
-        if k not in ("linear", "act"):
-            raise ValueError(f"unknown site kind {k!r}; use 'linear' and/or 'act'")
+        if k not in KINDS:
+            raise ValueError(f"unknown site kind {k!r}; use any of {KINDS}")
     sites = []
     if "linear" in kinds:
         for name, m in linear_layers(model):
@@ -56,7 +63,13 @@ def discover_sites(model: nn.Module, kinds: Sequence[str] = ("linear", "act"), l
                                  "a shared activation module cannot be hooked per layer")
             seen[id(act)] = f"{name}.{attr}"
             sites.append(Site(f"{name}.{attr}", "act", f"{name}.{attr}", intermediate_size(mlp), layer_index(name)))
+    keep = LayerFilter(layers, mlp_only, include, exclude)
+    sites = [s for s in sites if keep.keep(s.name)]
+    if "resid" in kinds:
+        by_layer = LayerFilter(layers)
+        width = hidden_size(model) if decoder_layers(model) else 0
+        sites += [Site(name, "resid", name, width, layer_index(name)) for name, _ in decoder_layers(model)
+                  if by_layer.keep(name)]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     sites.sort(key=lambda s: (order.get(s.module, 0), s.kind))
-    keep = LayerFilter(layers, mlp_only, include, exclude)
-    return [s for s in sites if keep.keep(s.name)]
+    return sites

@@ -90,9 +90,13 @@ def test_site_selection_options():
     model = tiny_causal_lm("llama")
     all_sites = discover_sites(model)
     assert not any("lm_head" in s.name for s in all_sites)
-    assert len(all_sites) == 2 * (7 + 1)
+    assert len(all_sites) == 2 * (7 + 1 + 1)
+    assert [s.name for s in all_sites if s.kind == "resid"] == ["model.layers.0", "model.layers.1"]
+    assert all(s.channels == 64 for s in all_sites if s.kind == "resid")
     assert all(s.layer == 1 for s in discover_sites(model, layers=[1]))
-    assert all(".mlp." in s.name for s in discover_sites(model, mlp_only=True))
+    # mlp_only / include / exclude pick linear and act sites; residual sites follow `layers` only
+    assert all(".mlp." in s.name for s in discover_sites(model, mlp_only=True) if s.kind != "resid")
+    assert len(discover_sites(model, mlp_only=True, layers=[0], kinds=("resid",))) == 1
     assert [s.kind for s in discover_sites(model, kinds=("act",))] == ["act", "act"]
     assert all("down_proj" not in s.name for s in discover_sites(model, exclude="down_proj"))
     model.model.layers[1].mlp.act_fn = model.model.layers[0].mlp.act_fn

@@ -41,6 +41,18 @@ def test_pipeline_commands(model_dir, texts, tmp_path, capsys):
     assert "2 items: accuracy" in capsys.readouterr().out
     assert main(["localize", *common, *data]) == 0
     assert "silhouette" in capsys.readouterr().out
+    # steering vectors from the same statistics, applied, and projected
+    assert main(["vectors", *common]) == 0
+    assert "steering vectors written" in capsys.readouterr().out
+    vec = f"{out}/steering-extravert.safetensors"
+    assert main(["generate", *common, "--vectors", vec, "--persona", "introvert", "--steer-layers", "1",
+                 "--steer-strength", "2", "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    assert "--- 'Hi'" in capsys.readouterr().out
+    assert main(["eval", *common, "--vectors", vec, "--persona", "extravert", "--mc", str(texts / "mc.csv")]) == 0
+    assert "unmasked: matching" in capsys.readouterr().out
+    assert main(["project", *common, "--vectors", vec, "--file", str(texts / "e.txt"), "--layers", "0,1"]) == 0
+    printed = capsys.readouterr().out
+    assert "| I love parties! |" in printed and "L0 | L1" in printed
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -48,6 +60,7 @@ def test_pipeline_commands(model_dir, texts, tmp_path, capsys):
     (["calibrate", "--texts", "just-a-path"], "NAME=PATH"),
     (["masks", "--stats", "/no/such/stats.safetensors"], "no such file"),
     (["generate", "--persona", "x"], "--persona needs --masks"),
+    (["project", "--file", "x.txt"], "project needs --vectors"),
     (["calibrate", "--personalitybench", "/tmp"], "--trait"),
 ])
 def test_errors_are_one_line_without_traceback(model_dir, tmp_path, capsys, argv, message):
@@ -91,7 +104,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("calibrate", "masks", "neurons", "localize", "generate", "eval", "bench", "env", "demo"):
+    for cmd in ("calibrate", "masks", "neurons", "vectors", "project", "localize", "generate", "eval", "bench", "env", "demo"):
         assert cmd in out
 
 

@@ -18,7 +18,7 @@ LAYERS = [
     ["ops.registry", "formats"],
     ["ops"],
     ["sites", "calibrate"],
-    ["masks", "npti"],
+    ["masks", "npti", "steering"],
     ["model", "export"],
     ["app"],
 ]

@@ -6,10 +6,12 @@ import torch
 import persona_kernels as pk
 import persona_kernels.model as pm
 from persona_kernels.fingerprint import architecture, model_fingerprint
+from persona_kernels.hf import decoder_layers
 from persona_kernels.masks import MaskStore
 from persona_kernels.npti import NeuronSet
 from persona_kernels.ops import registry
 from persona_kernels.ops.report import env_report
+from persona_kernels.steering import SteeringVectors
 from persona_kernels.testing import char_tokenizer, tiny_causal_lm
 
 CPU = torch.device("cpu")
@@ -141,7 +143,7 @@ def _npti_sets(model):
 
 
 def test_torch_compile_fullgraph_of_a_persona_model_with_npti():
-    """Masks and NPTI induction together trace into one graph (fullgraph=True fails on a break)
+    """Masks, NPTI induction and steering vectors together trace into one graph (fullgraph=True fails on a break)
     and the compiled model gives the eager logits (keep_prob=1: no random draw matters)."""
     import torch._dynamo
 
@@ -154,6 +156,10 @@ def test_torch_compile_fullgraph_of_a_persona_model_with_npti():
     target, opposite = _npti_sets(model)
     pm.apply(model, store, persona="a", format="bitmap")
     pm.apply_neurons(model, target, opposite, strength=1.5, keep_prob=1.0)
+    g = torch.Generator().manual_seed(6)
+    vectors = SteeringVectors(["a", "b"], {n: torch.randn(2, 64, generator=g) for n, _ in decoder_layers(model)},
+                              store.fingerprint, store.architecture)
+    pm.apply_steering(model, vectors, strength=0.5)
     enc = tok(["Question: plans?"], return_tensors="pt")
     with torch.no_grad():
         want = model(**enc, use_cache=False).logits
@@ -168,6 +174,12 @@ def test_torch_compile_fullgraph_of_a_persona_model_with_npti():
     with torch.no_grad():
         got = compiled(**enc, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        steered = model(**enc, use_cache=False).logits
+    pm.set_steering_strength(model, 0.0)
+    with torch.no_grad():
+        assert not torch.allclose(model(**enc, use_cache=False).logits, steered)  # steering took part
+    pm.set_steering_strength(model, 0.5)
     code = "".join(graphs)
     assert code.count("persona_kernels.masked_linear") == len(store.layers)
     assert code.count("persona_kernels.induce_neurons") == len(target.sites)

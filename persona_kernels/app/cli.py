@@ -145,6 +145,48 @@ def cmd_neurons(args) -> int:
     return 0
 
 
+def cmd_vectors(args) -> int:
+    from ..calibrate import CalibrationResult
+    from ..steering import steering_vectors
+
+    model, _ = load_model(args.model, args.dtype, args.device)
+    calib = CalibrationResult.load(args.stats or _out(args, "statistics.safetensors"), model=model)
+    if len(calib.personas) < 2 and not (args.positive and args.negative):
+        raise ValueError(f"vectors needs statistics of two personas; these hold {calib.personas}")
+    positive, negative = args.positive or calib.personas[0], args.negative or calib.personas[1]
+    vec = steering_vectors(calib, positive, negative)
+    path = vec.save(_out(args, f"steering-{positive}.safetensors"))
+    norms = vec.norms()
+    print(f"{positive} - {negative}: {len(norms)} layers, |v| " + ", ".join(f"{i}: {v:.3g}" for i, v in norms.items()))
+    print(f"steering vectors written to {path}")
+    return 0
+
+
+def _layer_list(spec: Optional[str]):
+    return None if not spec else [int(v) for v in spec.split(",")]
+
+
+def cmd_project(args) -> int:
+    from .. import data
+    from ..steering import SteeringVectors, text_projections
+
+    if not args.vectors or not args.file:
+        raise ValueError("project needs --vectors FILE and --file TEXTS (one text per line)")
+    texts = data.load_text_lines(args.file)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    vec = SteeringVectors.load(args.vectors, model=model)
+    layers, proj = text_projections(model, tok, texts, vec, layers=_layer_list(args.layers), persona=args.persona,
+                                    batch_size=args.batch_size)
+    persona = args.persona or vec.personas[0]
+    print(f"projection onto the unit {persona!r} vector (mean over each text's tokens), per layer")
+    print("| text | " + " | ".join(f"L{i}" for i in layers) + " |")
+    print("|---|" + "---|" * len(layers))
+    for t, row in zip(texts, proj.tolist()):
+        short = t if len(t) <= 60 else t[:57] + "..."
+        print(f"| {short} | " + " | ".join(f"{v:+.3f}" for v in row) + " |")
+    return 0
+
+
 def cmd_localize(args) -> int:
     from ..io import atomic_write_text
     from ..localize import LocalizeConfig, localize
@@ -174,12 +216,20 @@ def _persona_model(args):
         if not args.persona:
             raise ValueError(f"--masks needs --persona (one of {store.personas}); without it the model would run unmasked")
         pm.apply(model, store, persona=args.persona, format=args.format, gamma=args.gamma)
-    elif args.persona:
-        raise ValueError("--persona needs --masks")
+    elif args.persona and not args.vectors:
+        raise ValueError("--persona needs --masks or --vectors")
     if args.neurons:
         target = NeuronSet.load(args.neurons, model=model)
         opposite = NeuronSet.load(args.opposite_neurons, model=model) if args.opposite_neurons else None
         pm.apply_neurons(model, target, opposite, strength=args.strength)
+    if args.vectors:
+        from ..steering import SteeringVectors
+
+        vec = SteeringVectors.load(args.vectors, model=model)
+        if not args.persona:
+            raise ValueError(f"--vectors needs --persona (one of {vec.personas}); without it nothing would be steered")
+        pm.apply_steering(model, vec, layers=_layer_list(args.steer_layers), strength=args.steer_strength,
+                          persona=args.persona)
     return model, tok
 
 
@@ -357,6 +407,9 @@ def _common(p, data=False, persona=False):
         p.add_argument("--neurons", help="NPTI neuron set of the target aspect")
         p.add_argument("--opposite-neurons", help="NPTI neuron set of the opposite aspect (deactivated)")
         p.add_argument("--strength", type=float, default=1.0, help="NPTI push strength val (0.6-1.5 typical)")
+        p.add_argument("--vectors", help="steering vectors (.safetensors from `vectors`); --persona picks the pole")
+        p.add_argument("--steer-layers", help="comma-separated decoder-layer indices to steer (default: every layer)")
+        p.add_argument("--steer-strength", type=float, default=1.0, help="steering coefficient (vector multiple)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,6 +455,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.1)
     p.add_argument("--min-neurons", type=int, default=2000)
     p.set_defaults(func=cmd_neurons)
+
+    p = sub.add_parser("vectors", help="steering vectors (residual mean difference) from statistics -> steering-<pos>.safetensors")
+    _common(p)
+    p.add_argument("--stats", help="statistics file (default: OUT/statistics.safetensors)")
+    p.add_argument("--positive", help="the positive pole (default: first persona)")
+    p.add_argument("--negative", help="the negative pole (default: second persona)")
+    p.set_defaults(func=cmd_vectors)
+
+    p = sub.add_parser("project", help="how strongly each text expresses a persona: projection on its steering vector")
+    _common(p)
+    p.add_argument("--vectors", help="steering vectors (.safetensors from `vectors`)")
+    p.add_argument("--file", help="texts, one per line")
+    p.add_argument("--persona", help="whose vector (default: the first pole)")
+    p.add_argument("--layers", help="comma-separated decoder-layer indices (default: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_project)
 
     p = sub.add_parser("localize", help="per-layer persona divergence -> localize.{json,md,png}")
     _common(p, data=True)

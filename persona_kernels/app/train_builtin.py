@@ -264,6 +264,22 @@ def npti_fractions(model, tok, items, calib, threshold, min_neurons, strength) -
     return out
 
 
+def steering_fractions(model, tok, items, vectors, layers, strength) -> dict:
+    """``fractions`` with each pole's steering vector added at ``layers`` (``vectors``: SteeringVectors
+    of the two poles, e.g. steering_vectors(calib, E, I), or a random control of the same norms)."""
+    from ..model import apply_steering, remove, set_persona
+
+    out = {}
+    apply_steering(model, vectors, layers=layers, strength=strength)
+    try:
+        for store_name, pole in zip(vectors.personas, corpus.PERSONAS):
+            set_persona(model, store_name)
+            _pole_row(out, pole, fractions(model, tok, items))
+    finally:
+        remove(model)
+    return out
+
+
 MASK_SETTINGS = (("wanda", 0.3), ("wanda", 0.5), ("contrastive_wanda", 0.3), ("contrastive_wanda", 0.5),
                  ("contrastive_sparse", 0.5))
 
