@@ -186,5 +186,6 @@ class LayerFilter:
 
 
 __all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture", "activation_attr",
-           "check_supported", "decoder_layers", "gated_mlps", "hidden_size", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear",
+           "check_supported", "decoder_layers",
+           "gated_mlps", "hidden_size", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear",
            "layer_index", "linear_layers", "linear_shape", "linear_weight", "output_head", "set_module", "unwrap"]
