@@ -30,6 +30,9 @@ def test_pipeline_commands(model_dir, texts, tmp_path, capsys):
     assert "statistics written" in capsys.readouterr().out
     assert main(["masks", *common, "--method", "contrastive_wanda", "--sparsity", "0.6"]) == 0
     assert "difference" in capsys.readouterr().out
+    assert main(["masks", *common, "--method", "wanda", "--mode", "difference", "--layers", "last_half",
+                 "--layer-sparsity", "1=0.7"]) == 0
+    assert "masks written" in capsys.readouterr().out
     assert main(["neurons", *common, "--min-neurons", "10"]) == 0
     assert "extravert: " in capsys.readouterr().out
     masks = f"{out}/masks-contrastive_wanda.safetensors"
@@ -61,6 +64,7 @@ def test_pipeline_commands(model_dir, texts, tmp_path, capsys):
     (["masks", "--stats", "/no/such/stats.safetensors"], "no such file"),
     (["generate", "--persona", "x"], "--persona needs --masks"),
     (["project", "--file", "x.txt"], "project needs --vectors"),
+    (["masks", "--layers", "a-b"], "--layers expects"),
     (["calibrate", "--personalitybench", "/tmp"], "--trait"),
 ])
 def test_errors_are_one_line_without_traceback(model_dir, tmp_path, capsys, argv, message):

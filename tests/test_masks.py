@@ -17,7 +17,7 @@ from persona_kernels.masks import (
     unpack_bits,
     wanda_mask,
 )
-from persona_kernels.masks.build import linear_weight
+from persona_kernels.masks.build import layer_range, linear_weight
 from persona_kernels.ops.topk_mask import topk_mask
 from persona_kernels.testing import char_tokenizer, tiny_causal_lm
 
@@ -327,3 +327,43 @@ def test_contrastive_sparse_code_matches_the_released_formula(sparsity):
     else:
         assert torch.equal(neg & ~pos, want[1] & ~want[0]) and bool((pos & neg).any())  # they overlap
     assert bool((neg.sum(1) == pos.sum(1)).all())
+
+
+@pytest.mark.parametrize("method", ["wanda", "contrastive_wanda"])
+def test_difference_mode_removes_only_what_the_other_persona_keeps(llama_calib, method):
+    model, calib = llama_calib
+    pruned = build_masks(model, calib, method=method, sparsity=0.5)
+    diff = build_masks(model, calib, method=method, sparsity=0.5, mode="difference")
+    assert diff.params["mode"] == "difference"
+    for layer in pruned.layers:
+        ka, kb = pruned.mask("extravert", layer), pruned.mask("introvert", layer)
+        da, db = diff.mask("extravert", layer), diff.mask("introvert", layer)
+        assert torch.equal(~da, ~ka & kb) and torch.equal(~db, ~kb & ka)
+        assert not (~da & ~db).any()  # no weight is removed for both personas
+    assert diff.density("extravert")["*"] > 0.5
+    with pytest.raises(ValueError, match="exactly two"):
+        build_masks(model, calib, ["extravert"], mode="difference")
+    with pytest.raises(ValueError, match="unknown mode"):
+        build_masks(model, calib, mode="edit")
+
+
+def test_layer_sets_and_per_layer_sparsity(llama_calib):
+    model, calib = llama_calib
+    assert layer_range(30, "all") is None
+    assert layer_range(30, "last_third") == list(range(20, 30))
+    assert layer_range(30, "middle_third") == list(range(10, 20))
+    assert layer_range(7, "first_half") == [0, 1, 2, 3]  # round(3.5) == 4
+    assert layer_range(2, "last_half") == [1]
+    with pytest.raises(ValueError, match="unknown layer set"):
+        layer_range(4, "some")
+    store = build_masks(model, calib, sparsity=0.5, layer_sparsity={1: 0.75}, layers=layer_range(2, "last_half"))
+    assert store.layers and all(".layers.1." in n for n in store.layers)
+    for layer in store.layers:
+        _, n = store.shapes[layer]
+        assert (store.mask("extravert", layer).sum(1) == int(n * 0.25)).all()
+    mixed = build_masks(model, calib, sparsity=0.5, layer_sparsity={"0": 0.25})
+    for layer in mixed.layers:
+        keep = 0.75 if ".layers.0." in layer else 0.5
+        assert (mixed.mask("introvert", layer).sum(1) == int(mixed.shapes[layer][1] * keep)).all()
+    with pytest.raises(ValueError, match="sparsity"):
+        build_masks(model, calib, layer_sparsity={0: 1.5})

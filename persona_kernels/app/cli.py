@@ -115,10 +115,12 @@ def cmd_masks(args) -> int:
     from ..masks import build_masks
 
     model, _ = load_model(args.model, args.dtype, args.device)
+    layers, layer_sparsity = _mask_layers(args.layers, model), _layer_sparsity(args.layer_sparsity)
     calib = CalibrationResult.load(args.stats or _out(args, "statistics.safetensors"), model=model)
     personas = args.personas.split(",") if args.personas else None
     store = build_masks(model, calib, personas, method=args.method, sparsity=args.sparsity,
-                        granularity=args.granularity, statistic=args.statistic, mlp_only=args.mlp_only, seed=args.seed)
+                        granularity=args.granularity, statistic=args.statistic, mlp_only=args.mlp_only, seed=args.seed,
+                        layers=layers, layer_sparsity=layer_sparsity, mode=args.mode)
     path = store.save(_out(args, f"masks-{args.method}.safetensors"))
     for p in store.personas:
         print(f"{p}: density {store.density(p)['*']:.3f}")
@@ -127,6 +129,35 @@ def cmd_masks(args) -> int:
         print(f"{store.personas[0]} vs {store.personas[1]}: difference {c['difference']:.2%}, overlap {c['overlap']:.3f}")
     print(f"masks written to {path}")
     return 0
+
+
+def _mask_layers(spec: Optional[str], model):
+    """--layers: comma-separated indices, a range 'A-B', or a named set (last_third, ...)."""
+    from ..hf import decoder_layers
+    from ..masks import LAYER_SETS, layer_range
+
+    if not spec:
+        return None
+    if spec in LAYER_SETS:
+        return layer_range(len(decoder_layers(model)), spec)
+    out = []
+    for part in spec.split(","):
+        lo, sep, hi = part.partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+        except ValueError:
+            raise ValueError(f"--layers expects indices (0,1,5), a range (20-29) or one of {LAYER_SETS}; got {spec!r}") from None
+    return out
+
+
+def _layer_sparsity(spec: Optional[str]):
+    """--layer-sparsity 'IDX=S,IDX=S'."""
+    if not spec:
+        return None
+    try:
+        return {int(k): float(v) for k, v in (item.split("=") for item in spec.split(","))}
+    except ValueError:
+        raise ValueError(f"--layer-sparsity expects IDX=SPARSITY pairs, e.g. 20=0.6,21=0.7; got {spec!r}") from None
 
 
 def cmd_neurons(args) -> int:
@@ -445,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistic", default="sample_norm", choices=["sample_norm", "token_norm"])
     p.add_argument("--personas", help="comma-separated personas (contrastive: positive,negative)")
     p.add_argument("--mlp-only", action="store_true")
+    p.add_argument("--layers", help="decoder layers to mask: indices (0,1), a range (20-29) or a set "
+                                    "(all, first_third, middle_third, last_third, first_half, last_half)")
+    p.add_argument("--layer-sparsity", help="per-layer sparsity overriding --sparsity, e.g. 20=0.6,21=0.7")
+    p.add_argument("--mode", default="prune", choices=["prune", "difference"],
+                   help="difference: remove only the weights this persona drops and the other keeps (an edit)")
     p.set_defaults(func=cmd_masks)
 
     p = sub.add_parser("neurons", help="NPTI neuron sets of both poles -> neurons-<aspect>.safetensors")

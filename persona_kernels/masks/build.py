@@ -16,6 +16,21 @@ from .store import MaskStore
 METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse", "contrastive_sparse_code", "random", "magnitude")
 CONTROLS = ("random", "magnitude")  # same sparsity and layers as a persona mask, no persona in them
 STATISTICS = ("sample_norm", "token_norm")
+MODES = ("prune", "difference")
+LAYER_SETS = ("all", "first_third", "middle_third", "last_third", "first_half", "last_half")
+
+
+def layer_range(num_layers: int, name: str) -> Optional[list]:
+    """Decoder-layer indices of a named set ('all' -> None, 'last_third', 'middle_third', ...)."""
+    if name not in LAYER_SETS:
+        raise ValueError(f"unknown layer set {name!r}; choose one of {LAYER_SETS}")
+    if name == "all":
+        return None
+    part, _, frac = name.partition("_")
+    k = 3 if frac == "third" else 2
+    bounds = [round(num_layers * i / k) for i in range(k + 1)]
+    i = {"first": 0, "middle": 1, "last": k - 1}[part]
+    return list(range(bounds[i], bounds[i + 1]))
 
 
 @dataclass
@@ -36,7 +51,12 @@ class MaskConfig:
                  (the persona's own Wanda score, then the column; default) or 'column' (the
                  parity mode with the released code's k = max(1, int(in (1 - s)))).
     mlp_only, layers, include, exclude: which linear layers get masks (default all that
-                 were calibrated, i.e. every linear layer but the LM head).
+                 were calibrated, i.e. every linear layer but the LM head); ``layers`` takes
+                 decoder-layer indices (``layer_range(num_layers, "last_third")`` names common sets).
+    layer_sparsity: {decoder-layer index: sparsity} overriding ``sparsity`` at those layers.
+    mode:        'prune' (default: each persona keeps its own selection) or 'difference' (two
+                 personas: start from the unmasked model and remove only the weights that this
+                 persona drops and the other keeps, so the persona is a small edit, not a pruning).
     """
 
     method: str = "wanda"
@@ -54,6 +74,8 @@ class MaskConfig:
     backend: str = "auto"
     seed: int = 0
     tie_break: str = "wanda"
+    layer_sparsity: Optional[dict] = None
+    mode: str = "prune"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,6 +89,12 @@ class MaskConfig:
             raise ValueError(f"unknown tie_break {self.tie_break!r}; choose one of {methods.TIE_BREAKS}")
         if self.contrast not in ("relu", "softplus"):
             raise ValueError(f"unknown contrast {self.contrast!r}; use 'relu' or 'softplus'")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.layer_sparsity is not None:
+            self.layer_sparsity = {int(k): float(v) for k, v in dict(self.layer_sparsity).items()}
+            for v in self.layer_sparsity.values():
+                methods.check_sparsity(v)
         if self.method.startswith("contrastive_sparse") and self.granularity != "row":
             raise ValueError("contrastive_sparse selects per row; granularity must be 'row'")
 
@@ -95,12 +123,15 @@ def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[S
     idx = [calib.persona_index(p) for p in personas]
     if cfg.method not in ("wanda",) + CONTROLS and len(personas) != 2:
         raise ValueError(f"{cfg.method} needs exactly two opposing personas (positive, negative), got {personas}")
+    if cfg.mode == "difference" and len(personas) != 2:
+        raise ValueError(f"mode 'difference' needs exactly two personas, got {personas}")
     modules = dict(model.named_modules())
     out = {p: {} for p in personas}
     for layer in _layers(calib, cfg):
         st = calib.stats[layer]
         w = linear_weight(modules[layer])
-        sel = dict(sparsity=cfg.sparsity, granularity=cfg.granularity, n=cfg.n, m=cfg.m, backend=cfg.backend)
+        sparsity = (cfg.layer_sparsity or {}).get(calib.sites[layer].layer, cfg.sparsity)
+        sel = dict(sparsity=sparsity, granularity=cfg.granularity, n=cfg.n, m=cfg.m, backend=cfg.backend)
         if cfg.method == "wanda":
             for p, i in zip(personas, idx):
                 out[p][layer] = methods.wanda_mask(w, _act(st, i, cfg.statistic), **sel).cpu()
@@ -123,9 +154,14 @@ def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[S
                 act_pos=_act(st, i, cfg.statistic), act_neg=_act(st, j, cfg.statistic), **sel)
         elif cfg.method == "contrastive_sparse_code":
             pos, neg = methods.contrastive_sparse_code_masks(w, st.mean[i], st.var()[i], st.mean[j], st.var()[j],
-                                                             cfg.sparsity, cfg.backend)
+                                                             sparsity, cfg.backend)
         else:
             pos, neg = methods.contrastive_sparse_masks(w, _act(st, i, cfg.statistic), _act(st, j, cfg.statistic),
-                                                        cfg.sparsity, cfg.backend)
+                                                        sparsity, cfg.backend)
         out[personas[0]][layer], out[personas[1]][layer] = pos.cpu(), neg.cpu()
+    if cfg.mode == "difference":
+        a, b = personas
+        for layer in out[a]:  # removed only where this persona drops a weight the other keeps
+            ka, kb = out[a][layer], out[b][layer]
+            out[a][layer], out[b][layer] = ka | ~kb, kb | ~ka
     return MaskStore.from_masks(model, out, cfg.method, asdict(cfg))
