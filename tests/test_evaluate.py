@@ -183,14 +183,58 @@ def test_study_on_the_builtin_model(tmp_path, capsys):
     out = tmp_path / "study"
     code = main(["study", "--out", str(out), "--methods", "wanda", "--controls", "random", "--sparsities", "0.5",
                  "--max-samples", "12", "--max-calibration", "12", "--decode-tokens", "2", "--generations", "1",
-                 "--localize-texts", "6", "--pos-system", "You seek power.", "--neg-system", "You are humble.", "--quiet"])
+                 "--localize-texts", "6", "--pos-system", "You seek power.", "--neg-system", "You are humble.", "--quiet",
+                 "--steer-layers", "2", "--steer-strengths", "2"])
     assert code == 0
     res = json.load(open(out / "study.json"))
     kinds = {r["kind"] for r in res["rows"]}
-    assert kinds == {"baseline", "prompting", "mask", "control", "npti"}
+    assert kinds == {"baseline", "prompting", "mask", "control", "npti", "steering"}
     for r in res["rows"]:
         assert r["n"] == 12 and 0 <= r["matching"] <= 1 and r["se"] >= 0 and 0 <= r["mcnemar_p"] <= 1 and r["ppl"] > 0
     assert {"calibrate", "evaluate", "perplexity", "masks"} <= set(res["timings_s"])
     md = (out / "study.md").read_text()
     assert "| unmasked | baseline |" in md and "Generations" in md and "localization" in md
     assert (out / "shift_vs_damage.png").exists() and len(list((out / "items").iterdir())) == len(res["rows"])
+
+
+def test_study_sweep_chooses_on_validation_items_and_reports_held_out(tmp_path):
+    """--sweep: every candidate is evaluated on the validation items only, one configuration per
+    method is chosen by the two-pole shift within the damage bound, and only the chosen ones (plus
+    the baseline, the prompting baseline and the controls at the best mask's setting) are
+    evaluated on the held-out items, which the validation rows never touch."""
+    import json
+
+    out = tmp_path / "sweep"
+    code = main(["study", "--out", str(out), "--methods", "wanda", "--controls", "random", "--sparsities", "0.3,0.5",
+                 "--layer-sets", "all,last_half", "--modes", "prune,difference", "--max-samples", "16",
+                 "--max-calibration", "12", "--decode-tokens", "0", "--generations", "1", "--localize-texts", "0",
+                 "--npti-strengths", "0.5,1", "--steer-layers", "1,2", "--steer-strengths", "1,2", "--sweep",
+                 "--max-damage", "0.5", "--quiet"])
+    assert code == 0
+    res = json.load(open(out / "study.json"))
+    val, test = res["validation_rows"], res["rows"]
+    assert {r["split"] for r in val} == {"validation"} and {r["split"] for r in test} == {"held-out"}
+    assert {r["n"] for r in val} == {8} and {r["n"] for r in test} == {8}
+    sel = {s["family"]: s for s in res["selection"]}
+    assert set(sel) == {"wanda", "npti", "steering"}
+    assert sel["wanda"]["candidates"] == 8 and sel["npti"]["candidates"] == 2 and sel["steering"]["candidates"] == 4
+    assert len([r for r in val if r["family"] == "wanda"]) == 2 * 8
+    # the chosen configuration is the best within the bound on the validation rows
+    base_ppl = next(r["ppl"] for r in val if r["kind"] == "baseline")
+    for fam, s in sel.items():
+        by_cfg = {}
+        for r in val:
+            if r["family"] == fam:
+                by_cfg.setdefault(r["config"].rpartition("/")[0], {})[r["pole"]] = r
+        score = {c: min(v["matching"]["shift"], -v["not_matching"]["shift"]) for c, v in by_cfg.items()}
+        damage = {c: max(x["ppl"] for x in v.values()) / base_ppl - 1 for c, v in by_cfg.items()}
+        assert s["config"] in by_cfg and len(by_cfg) == s["candidates"]
+        if s["within_bound"]:
+            assert s["validation_shift"] == pytest.approx(max(v for c, v in score.items() if damage[c] <= 0.5))
+        else:
+            assert damage[s["config"]] == pytest.approx(min(damage.values()))
+    held = {r["config"].rpartition("/")[0] or r["config"] for r in test}
+    assert {"unmasked", sel["wanda"]["config"], sel["npti"]["config"], sel["steering"]["config"]} <= held
+    assert any(r["kind"] == "control" for r in test)
+    md = (out / "study.md").read_text()
+    assert "Selection on the validation items" in md and "Validation sweep" in md

@@ -357,10 +357,17 @@ def cmd_study(args) -> int:
         items = data.builtin_mc_items("power")[:args.max_samples] if args.max_samples else data.builtin_mc_items("power")
     if args.max_calibration:
         calib_data = {k: v[:args.max_calibration] for k, v in calib_data.items()}
+    floats = lambda spec: [float(v) for v in spec.split(",")]  # noqa: E731
     cfg = StudyConfig(personas=(pos, neg), methods=args.methods.split(",") if args.methods else (),
                       controls=args.controls.split(",") if args.controls else (),
-                      sparsities=[float(s) for s in args.sparsities.split(",")], mlp_only=args.mlp_only, npti=not args.no_npti,
-                      npti_strength=args.npti_strength, scorings=args.scorings.split(","), batch_size=args.batch_size,
+                      sparsities=floats(args.sparsities), layer_sets=args.layer_sets.split(","), modes=args.modes.split(","),
+                      gammas=floats(args.gammas), mlp_only=args.mlp_only, npti=not args.no_npti,
+                      npti_strength=args.npti_strength,
+                      npti_strengths=floats(args.npti_strengths) if args.npti_strengths else None,
+                      steering=not args.no_steering, steer_layers=_layer_list(args.steer_layers),
+                      steer_strengths=floats(args.steer_strengths), sweep=args.sweep,
+                      validation_fraction=args.validation_fraction, max_damage=args.max_damage, seed=args.seed,
+                      scorings=args.scorings.split(","), batch_size=args.batch_size,
                       decode_tokens=args.decode_tokens, progress=not args.quiet, generations=args.generations,
                       localize_texts=args.localize_texts,
                       system_prompts={pos: args.pos_system, neg: args.neg_system} if args.pos_system else {})
@@ -543,8 +550,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.3,0.5")
     p.add_argument("--scorings", default="mean", help="comma-separated: mean, sum, persona-code")
     p.add_argument("--mlp-only", action="store_true")
+    p.add_argument("--layer-sets", default="all",
+                   help="mask layer sets: all, mlp, attention, first_third, middle_third, last_third, first_half, last_half")
+    p.add_argument("--modes", default="prune", help="mask modes: prune and/or difference")
+    p.add_argument("--gammas", default="0", help="soft-gate gammas of the masks")
     p.add_argument("--no-npti", action="store_true")
     p.add_argument("--npti-strength", type=float, default=1.0)
+    p.add_argument("--npti-strengths", help="several NPTI strengths (overrides --npti-strength)")
+    p.add_argument("--no-steering", action="store_true")
+    p.add_argument("--steer-layers", help="decoder layers to steer, one configuration each (default: 1/3, 1/2, 2/3 depth)")
+    p.add_argument("--steer-strengths", default="2,4,8", help="steering coefficients")
+    p.add_argument("--sweep", action="store_true",
+                   help="choose each method's configuration on validation items, report it on the held-out rest")
+    p.add_argument("--validation-fraction", type=float, default=0.5)
+    p.add_argument("--max-damage", type=float, default=0.10, help="largest perplexity rise a chosen configuration may cause")
     p.add_argument("--pos-system", help="system prompt of the first pole's prompting baseline")
     p.add_argument("--neg-system", help="system prompt of the second pole's prompting baseline")
     p.add_argument("--max-samples", type=int, help="held-out items to use (first N)")
