@@ -21,7 +21,7 @@ from .sites import KINDS, Site, check_supported, discover_sites
 from .stats import StatsConfig, StatsState
 
 KIND = "statistics"
-TOKEN_SCOPES = ("prompt", "generated", "both")
+TOKEN_SCOPES = ("prompt", "generated", "both", "decode")
 PAIR_SCOPES = ("answer", "prompt", "both")
 
 
@@ -41,7 +41,12 @@ class CalibrationConfig:
     progress:      show a progress bar.
     token_scope:   which tokens count: 'prompt' (the texts themselves, default), 'generated'
                    (the model's greedy continuation of each text, as NPTI's reference does) or
-                   'both'. Generation stops at EOS or after ``max_new_tokens``.
+                   'both', or 'decode': the tokens fed at decode steps, i.e. the continuation
+                   without its last token (NPTI's released counting: the prompt and the final
+                   generated token never enter the model as inputs of a decode step).
+                   Generation is greedy and stops at EOS or after ``max_new_tokens``;
+                   ``repetition_penalty`` as in transformers (the NPTI code uses 1.1, with up
+                   to 500 new tokens).
     pair_scope:    for (question, answer) pairs, formatted like evaluation does (prompts.py):
                    the tokens that count, 'answer' (default), 'prompt' or 'both'.
     chat_template, system_prompt: the prompt format of pairs (PromptFormat; None: the
@@ -61,6 +66,7 @@ class CalibrationConfig:
     progress: bool = True
     token_scope: str = "prompt"
     max_new_tokens: int = 32
+    repetition_penalty: float = 1.0
     pair_scope: str = "answer"
     chat_template: Optional[bool] = None
     system_prompt: Optional[str] = None
@@ -82,6 +88,8 @@ class CalibrationConfig:
             raise ValueError(f"token_scope must be one of {TOKEN_SCOPES}, got {self.token_scope!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.pair_scope not in PAIR_SCOPES:
             raise ValueError(f"pair_scope must be one of {PAIR_SCOPES}, got {self.pair_scope!r}")
 
@@ -213,6 +221,7 @@ def _forward_with_generation(model, tokenizer, collector: _Collector, ids, attn,
     collector.enabled = False
     try:
         seq = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                             repetition_penalty=cfg.repetition_penalty,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     finally:
         collector.enabled = True
@@ -221,6 +230,9 @@ def _forward_with_generation(model, tokenizer, collector: _Collector, ids, attn,
     # generated tokens before the first EOS are real; EOS and what follows is padding
     real = (torch.cumsum((gen == eos).to(torch.int64), 1) == 0) if eos is not None else torch.ones_like(gen, dtype=torch.bool)
     full_attn = torch.cat([attn.to(torch.bool), real], 1)
+    if cfg.token_scope == "decode":  # the last generated token is never the input of a decode step
+        real = real.clone()
+        real[:, -1] = False
     scope = torch.cat([attn.to(torch.bool) if cfg.token_scope == "both" else torch.zeros_like(attn, dtype=torch.bool), real], 1)
     collector.valid = scope
     position_ids = (full_attn.to(torch.int64).cumsum(1) - 1).clamp(min=0)
@@ -266,7 +278,7 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
         raise ValueError("no statistics sites match the configuration (check layers/mlp_only/include/exclude)")
     pairs = isinstance(items[0][0], tuple)
     if pairs and cfg.token_scope != "prompt":
-        raise ValueError("(question, answer) pairs are scored as given; token_scope 'generated'/'both' needs plain texts")
+        raise ValueError("(question, answer) pairs are scored as given; token_scope 'generated'/'both'/'decode' needs plain texts")
     fmt = PromptFormat(cfg.chat_template, cfg.system_prompt)
     encoded = [fmt.encode(tokenizer, *t) for t, _ in items] if pairs else None
     # longest first: padding stays small and a batch that runs out of memory fails early

@@ -35,7 +35,7 @@ from .hf import (
     set_module,
 )
 from .masks.store import MaskStore
-from .npti import NeuronSet, induction_add, induction_plan
+from .npti import INDUCTION_MODES, NeuronSet, induction_add, induction_plan
 from .ops.induce_neurons import ACTIVATIONS, induce_neurons
 from .ops.masked_linear import masked_linear
 from .steering import SteeringVectors
@@ -215,11 +215,13 @@ class InducedActivation(_OriginalKeys):
     _pk_wrapper = True
 
     def __init__(self, base: nn.Module, target: NeuronSet, opposite: Optional[NeuronSet], site: str, neurons: int,
-                 strength: float, keep_prob: float, generator: torch.Generator, backend: str, device="cpu"):
+                 strength: float, keep_prob: float, generator: torch.Generator, backend: str, device="cpu",
+                 mode: str = "package"):
         super().__init__()
         self.base = base
         self._register_original_keys()
-        self._deactivate, self._index, self._push = induction_plan(target, opposite, site, neurons, strength, device)
+        self._deactivate, self._index, self._push = induction_plan(target, opposite, site, neurons, strength, device, mode)
+        self.decode_only = mode == "npti-code"  # the released code edits decode steps only
         self._neurons, self._keep_prob, self._strength, self._aspect = neurons, keep_prob, strength, target.aspect
         self._generator, self._backend = generator, backend
         self.fused = fusable_activation(base)
@@ -230,7 +232,7 @@ class InducedActivation(_OriginalKeys):
                 f"keep_prob={self._keep_prob}, fused={self.fused or 'no'}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self.enabled or (self.decode_only and x.ndim >= 3 and x.shape[-2] != 1):
             return self.base(x)
         compiling = torch.compiler.is_compiling()
         if not compiling and self._push.device != x.device:  # e.g. a layer moved after apply_neurons
@@ -300,8 +302,17 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
 
 
 def apply_neurons(model: nn.Module, target: NeuronSet, opposite: Optional[NeuronSet] = None, strength: float = 1.0,
-                  keep_prob: float = 0.9, seed: int = 0, backend: str = "auto") -> PersonaHandle:
-    """NPTI induction at every gated MLP of ``target``'s sites (combinable with apply())."""
+                  keep_prob: float = 0.9, seed: int = 0, backend: str = "auto", mode: str = "package") -> PersonaHandle:
+    """NPTI induction at every gated MLP of ``target``'s sites (combinable with apply()).
+
+    ``mode='package'`` (default): every forward is edited (prompt included), the opposite
+    neurons are deactivated at every site, a neuron in both sets is only pushed.
+    ``'npti-code'``: the released code's induction: only decode steps (forwards of one new
+    token: not the prompt, not the first generated token), a layer without a target neuron is
+    left alone (its opposite neurons too), a neuron in both sets is clamped, then pushed.
+    """
+    if mode not in INDUCTION_MODES:
+        raise ValueError(f"unknown induction mode {mode!r}; choose one of {INDUCTION_MODES}")
     mlps = dict(gated_mlps(model))
     if not mlps:
         raise PersonaError(f"NPTI is not applicable to {type(model).__name__}: it has no gated MLP "
@@ -315,6 +326,8 @@ def apply_neurons(model: nn.Module, target: NeuronSet, opposite: Optional[Neuron
     gen = torch.Generator().manual_seed(seed)
     built = {}
     for site in target.sites:
+        if mode == "npti-code" and not target.at(site)[0].numel():
+            continue
         mlp_name = site.rpartition(".")[0]
         mlp = mlps.get(mlp_name)
         if mlp is None:
@@ -323,7 +336,7 @@ def apply_neurons(model: nn.Module, target: NeuronSet, opposite: Optional[Neuron
         neurons = intermediate_size(mlp)
         device = linear_weight(mlp.down_proj).device
         built[mlp_name] = (attr, InducedActivation(getattr(mlp, attr), target, opposite, site, neurons, strength, keep_prob,
-                                                   gen, backend, "cpu" if device.type == "meta" else device))
+                                                   gen, backend, "cpu" if device.type == "meta" else device, mode))
     if handle is None:
         handle = PersonaHandle(model, [])
         setattr(model, _ATTR, handle)

@@ -134,11 +134,17 @@ def push_strength(diff: torch.Tensor, p95: torch.Tensor, strength: float) -> tor
     return p95.clamp(min=0.0).nan_to_num(0.0) * strength * torch.sigmoid(10.0 * (diff - 0.15))
 
 
+INDUCTION_MODES = ("package", "npti-code")
+
+
 def induction_plan(target: NeuronSet, opposite: Optional[NeuronSet], site: str, num_neurons: int,
-                   strength: float = 1.0, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   strength: float = 1.0, device="cpu", mode: str = "package") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fixed part of the induction at one act site: (deactivate [I] bool, target index [n]
     int64, push [n] float32). Each step then keeps every target neuron with some probability
-    (induction_add). A neuron in both sets is treated as a target neuron."""
+    (induction_add). A neuron in both sets is treated as a target neuron (``mode='package'``),
+    or clamped and then pushed as the released code does (``'npti-code'``)."""
+    if mode not in INDUCTION_MODES:
+        raise ValueError(f"unknown induction mode {mode!r}; choose one of {INDUCTION_MODES}")
     if not 0.0 <= strength:
         raise ValueError(f"strength must be >= 0, got {strength}")
     idx, diff, p95 = target.at(site)
@@ -147,7 +153,8 @@ def induction_plan(target: NeuronSet, opposite: Optional[NeuronSet], site: str, 
     deactivate = torch.zeros(num_neurons, dtype=torch.bool)
     if opposite is not None:
         deactivate[opposite.at(site)[0]] = True
-    deactivate[idx] = False
+    if mode == "package":
+        deactivate[idx] = False
     push = push_strength(diff, p95, strength).float()
     return deactivate.to(device), idx.to(device), push.to(device)
 

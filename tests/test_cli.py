@@ -33,12 +33,14 @@ def test_pipeline_commands(model_dir, texts, tmp_path, capsys):
     assert main(["masks", *common, "--method", "wanda", "--mode", "difference", "--layers", "last_half",
                  "--layer-sparsity", "1=0.7"]) == 0
     assert "masks written" in capsys.readouterr().out
+    assert main(["neurons", *common, "--min-neurons", "10", "--mode", "npti-code", "--percentile-method", "npti-code"]) == 0
+    capsys.readouterr()
     assert main(["neurons", *common, "--min-neurons", "10"]) == 0
     assert "extravert: " in capsys.readouterr().out
     masks = f"{out}/masks-contrastive_wanda.safetensors"
     assert main(["generate", *common, "--masks", masks, "--persona", "introvert", "--prompt", "Hi", "--max-new-tokens", "4",
                  "--neurons", f"{out}/neurons-introvert.safetensors",
-                 "--opposite-neurons", f"{out}/neurons-extravert.safetensors"]) == 0
+                 "--opposite-neurons", f"{out}/neurons-extravert.safetensors", "--npti-mode", "npti-code"]) == 0
     assert "--- 'Hi'" in capsys.readouterr().out
     assert main(["eval", *common, "--masks", masks, "--persona", "extravert", "--mc", str(texts / "mc.csv")]) == 0
     assert "2 items: accuracy" in capsys.readouterr().out

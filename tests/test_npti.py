@@ -220,3 +220,113 @@ def _two_persona_calib():
     model, tok = tiny_causal_lm("llama", seed=3), char_tokenizer()
     return calibrate(model, tok, {"a": ["happy loud party", "we dance all night"], "b": ["quiet book", "alone at home"]},
                            progress=False)
+
+
+# ---- the released code's statistics and induction (issue 13) ------------------------------------
+
+GEN_TEXTS = {"hi": ["Tell me about parties", "Who is coming over?"], "lo": ["A quiet evening", "Books and tea"]}
+
+
+def _decode_step_reference(model, tok, texts, max_new_tokens, penalty):
+    """The released counting, re-implemented: one text at a time, greedy generation with hooks on,
+    activation outputs collected at decode steps only (forwards of one token)."""
+    acts = {}
+    mlps = {n: m for n, m in model.named_modules() if n.endswith(".mlp")}
+    hooks = [m.act_fn.register_forward_hook(lambda mod, a, o, n=n: acts.setdefault(n, []).append(o[0])
+                                            if o.shape[1] == 1 else None) for n, m in mlps.items()]
+    try:
+        for t in texts:
+            enc = tok(t, return_tensors="pt")
+            with torch.no_grad():
+                model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=penalty,
+                               pad_token_id=0, eos_token_id=tok.eos_token_id)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {f"{n}.act_fn": torch.cat(v).double() for n, v in acts.items()}
+
+
+def test_decode_token_scope_counts_what_decode_steps_feed():
+    model, tok = tiny_causal_lm("llama", seed=2), char_tokenizer()
+    calib = calibrate(model, tok, GEN_TEXTS, progress=False, token_scope="decode", max_new_tokens=6,
+                      repetition_penalty=1.1, batch_size=2, kinds=("act",))
+    for k, p in enumerate(GEN_TEXTS):
+        ref = _decode_step_reference(model, tok, GEN_TEXTS[p], 6, 1.1)
+        for site, a in ref.items():
+            st = calib.stats[site]
+            assert int(st.count[k]) == a.shape[0]
+            torch.testing.assert_close(st.mean[k], a.mean(0), rtol=1e-4, atol=1e-5)
+            assert torch.equal(st.pos[k], (a > 0).sum(0))
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        calibrate(model, tok, GEN_TEXTS, progress=False, token_scope="decode", repetition_penalty=0.0)
+
+
+def _npti_code_reference(model, target, opposite, strength):
+    """The released induction with every neuron kept: at decode steps only, in layers that have a
+    target neuron, clamp the opposite neurons (both-set ones too), then push the targets."""
+    from persona_kernels.npti import push_strength
+
+    hooks = []
+    for site in target.sites:
+        idx, diff, p95 = target.at(site)
+        if not idx.numel():
+            continue
+        mlp = model.get_submodule(site.rpartition(".")[0])
+        opp = opposite.at(site)[0]
+        push = push_strength(diff, p95, strength).float()
+
+        def hook(mod, a, o, idx=idx, opp=opp, push=push):
+            if o.shape[1] != 1:
+                return None
+            o = o.clone()
+            o[..., opp] = o[..., opp].clamp(max=0.0)
+            o[..., idx] = o[..., idx] + push
+            return o
+        hooks.append(mlp.act_fn.register_forward_hook(hook))
+    return hooks
+
+
+def test_npti_code_induction_matches_the_released_rule():
+    import persona_kernels.model as pm
+
+    model, tok = tiny_causal_lm("llama", seed=3), char_tokenizer()
+    calib = calibrate(model, tok, GEN_TEXTS, progress=False)
+    target = identify_neurons(calib, "hi", "lo", min_neurons=30)
+    opposite = identify_neurons(calib, "lo", "hi", min_neurons=30)
+    # make one layer target-free and one neuron a member of both sets
+    first = target.sites[0]
+    keep = target.site != 0
+    target = NeuronSet(target.aspect, target.opposite, target.sites, target.site[keep], target.index[keep], target.diff[keep],
+                       target.p_aspect[keep], target.p_opposite[keep], target.p95[keep], target.fingerprint,
+                       target.architecture)
+    s0, i0 = int(target.site[0]), int(target.index[0])
+    same_site = (opposite.site == s0).nonzero().flatten()
+    assert same_site.numel()
+    opposite.index[same_site[0]] = i0
+    assert i0 in opposite.at(target.sites[s0])[0].tolist()  # a neuron in both sets
+    assert not target.at(first)[0].numel() and opposite.at(first)[0].numel()
+    enc = tok(["Hello there"], return_tensors="pt")
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    hooks = _npti_code_reference(model, target, opposite, 1.5)
+    with torch.no_grad():
+        want = model.generate(**enc, **kw)
+    for h in hooks:
+        h.remove()
+    pm.apply_neurons(model, target, opposite, strength=1.5, keep_prob=1.0, mode="npti-code")
+    assert first.rpartition(".")[0] not in pm._handle(model).neurons  # the target-free layer is untouched
+    with torch.no_grad():
+        got = model.generate(**enc, **kw)
+        prompt_logits = model(**enc).logits
+    pm.remove(model)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the prompt forward is not edited
+        assert torch.equal(prompt_logits, model(**enc).logits)
+    pm.apply_neurons(model, target, opposite, strength=1.5, keep_prob=1.0)  # the package's rule differs
+    with torch.no_grad():
+        package = model.generate(**enc, **kw)
+    pm.remove(model)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(package.scores, want.scores))
+    with pytest.raises(ValueError, match="unknown induction mode"):
+        pm.apply_neurons(model, target, opposite, mode="paper")

@@ -103,6 +103,7 @@ def cmd_calibrate(args) -> int:
     texts = load_texts(args)
     res = calibrate(model, tok, texts, batch_size=args.batch_size, max_length=args.max_length, mlp_only=args.mlp_only,
                     token_scope=args.token_scope, backend=args.backend, progress=not args.quiet,
+                    max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                     pair_scope=args.pair_scope, chat_template=args.chat_template, system_prompt=args.system_prompt)
     path = res.save(_out(args, "statistics.safetensors"))
     print(res.summary())
@@ -170,7 +171,8 @@ def cmd_neurons(args) -> int:
         raise ValueError(f"neurons needs statistics of two personas (a trait's two poles); these hold {calib.personas}")
     aspect, opposite = args.aspect or calib.personas[0], args.opposite or calib.personas[1]
     for a, o in ((aspect, opposite), (opposite, aspect)):
-        ns = identify_neurons(calib, a, o, threshold=args.threshold, min_neurons=args.min_neurons)
+        ns = identify_neurons(calib, a, o, threshold=args.threshold, min_neurons=args.min_neurons, mode=args.mode,
+                              percentile_method=args.percentile_method)
         path = ns.save(_out(args, f"neurons-{a}.safetensors"))
         print(f"{a}: {len(ns)} neurons (diff >= {args.threshold}: {int((ns.diff >= args.threshold).sum())}) -> {path}")
     return 0
@@ -252,7 +254,7 @@ def _persona_model(args):
     if args.neurons:
         target = NeuronSet.load(args.neurons, model=model)
         opposite = NeuronSet.load(args.opposite_neurons, model=model) if args.opposite_neurons else None
-        pm.apply_neurons(model, target, opposite, strength=args.strength)
+        pm.apply_neurons(model, target, opposite, strength=args.strength, mode=args.npti_mode)
     if args.vectors:
         from ..steering import SteeringVectors
 
@@ -445,6 +447,8 @@ def _common(p, data=False, persona=False):
         p.add_argument("--neurons", help="NPTI neuron set of the target aspect")
         p.add_argument("--opposite-neurons", help="NPTI neuron set of the opposite aspect (deactivated)")
         p.add_argument("--strength", type=float, default=1.0, help="NPTI push strength val (0.6-1.5 typical)")
+        p.add_argument("--npti-mode", default="package", choices=["package", "npti-code"],
+                       help="npti-code: the released induction (decode steps only, target-free layers untouched)")
         p.add_argument("--vectors", help="steering vectors (.safetensors from `vectors`); --persona picks the pole")
         p.add_argument("--steer-layers", help="comma-separated decoder-layer indices to steer (default: every layer)")
         p.add_argument("--steer-strength", type=float, default=1.0, help="steering coefficient (vector multiple)")
@@ -463,8 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--mlp-only", action="store_true", help="only MLP layers")
-    p.add_argument("--token-scope", default="prompt", choices=["prompt", "generated", "both"],
-                   help="plain texts: the texts themselves, the model's continuation, or both")
+    p.add_argument("--token-scope", default="prompt", choices=["prompt", "generated", "both", "decode"],
+                   help="plain texts: the texts themselves, the model's continuation, both, or the tokens fed at "
+                        "decode steps (NPTI's released counting)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="continuation length for generated/both/decode")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="of the greedy continuation (NPTI code: 1.1)")
     p.add_argument("--pair-scope", default="answer", choices=["answer", "prompt", "both"],
                    help="question/answer pairs (--csv): which tokens count (default: the answer)")
     p.add_argument("--backend", default="auto", help="accumulate_stats backend: auto, reference, triton, cpp, cuda")
@@ -497,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opposite", help="opposite pole (default: second persona)")
     p.add_argument("--threshold", type=float, default=0.1)
     p.add_argument("--min-neurons", type=int, default=2000)
+    p.add_argument("--mode", default="package", choices=["package", "npti-code"], help="identification cut (README parity table)")
+    p.add_argument("--percentile-method", default="reference", choices=["reference", "npti-code"], help="p95 read-out")
     p.set_defaults(func=cmd_neurons)
 
     p = sub.add_parser("vectors", help="steering vectors (residual mean difference) from statistics -> steering-<pos>.safetensors")
