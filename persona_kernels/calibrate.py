@@ -34,6 +34,8 @@ class CalibrationConfig:
     layers:        decoder layer indices to keep (None: all).
     mlp_only:      keep only linear/act sites inside MLP blocks.
     include/exclude: regexes on linear/act site names ('resid' sites follow ``layers`` only).
+    include_head:  also calibrate the output head's input (to mask lm_head, as the released
+                   Persona code does; off by default).
     batch_size, max_length: tokenisation and batching.
     histogram_kinds: site kinds that also keep a histogram (NPTI needs it at 'act').
     edges:         histogram edges (None: NPTI's).
@@ -70,6 +72,7 @@ class CalibrationConfig:
     pair_scope: str = "answer"
     chat_template: Optional[bool] = None
     system_prompt: Optional[str] = None
+    include_head: bool = False
 
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
@@ -273,7 +276,7 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
     check_supported(model)
     items = _check_texts(texts_by_persona)
     personas = list(texts_by_persona)
-    sites = discover_sites(model, cfg.kinds, cfg.layers, cfg.mlp_only, cfg.include, cfg.exclude)
+    sites = discover_sites(model, cfg.kinds, cfg.layers, cfg.mlp_only, cfg.include, cfg.exclude, cfg.include_head)
     if not sites:
         raise ValueError("no statistics sites match the configuration (check layers/mlp_only/include/exclude)")
     pairs = isinstance(items[0][0], tuple)

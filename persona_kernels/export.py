@@ -46,24 +46,37 @@ def _check(model: nn.Module, masks: MaskStore, persona: str) -> None:
 
 
 @torch.no_grad()
-def baked_state_dict(model: nn.Module, masks: MaskStore, persona: str) -> dict:
+def baked_state_dict(model: nn.Module, masks: MaskStore, persona: str, tied_embedding: str = "keep") -> dict:
     """The model's state dict (original key names, also with the persona layer applied) with the
-    persona's mask multiplied into every masked weight; the other tensors are shared, not copied."""
+    persona's mask multiplied into every masked weight; the other tensors are shared, not copied.
+
+    A masked output head tied to the input embedding is one tensor in a checkpoint: it is baked
+    with ``tied_embedding='mask'`` (the embedding masked too, as in-place masking does) and
+    refused with 'keep', which a tied checkpoint cannot express."""
+    from .model import _tied_embedding
+
     _check(model, masks, persona)
     sd = model.state_dict()
     modules = dict(model.named_modules())
     for layer in masks.layers:
+        emb = _tied_embedding(model, layer)
+        if emb is not None and tied_embedding != "mask":
+            raise ExportError(f"{layer} is masked and shares its weight with the input embedding {emb}: a tied checkpoint "
+                              "holds one tensor for both. Pass tied_embedding='mask' (--tied-embedding mask) to mask "
+                              "both, as in-place masking does, or untie the model's embeddings first")
         key = f"{layer}.weight"
         if key not in sd:
             raise ExportError(f"{key} is not in the model's state dict")
         base = unwrap(modules[layer])
         mask = masks.mask(persona, layer).to(sd[key].device)
         sd[key] = sd[key] * (mask.t() if is_conv1d(base) else mask).to(sd[key].dtype)
+        if emb is not None and f"{emb}.weight" in sd:
+            sd[f"{emb}.weight"] = sd[key]
     return sd
 
 
 def export(model: nn.Module, masks: MaskStore, persona: str, path: str, tokenizer=None, format: str = "hf",
-           overwrite: bool = False) -> str:
+           overwrite: bool = False, tied_embedding: str = "keep") -> str:
     """Write ``persona`` of ``masks`` baked into ``model``'s weights to the directory ``path``."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; this version writes {FORMATS} (compressed-tensors and "
@@ -71,7 +84,7 @@ def export(model: nn.Module, masks: MaskStore, persona: str, path: str, tokenize
     path = os.fspath(path)
     if os.path.exists(path) and not (overwrite and os.path.isdir(path)):
         raise ExportError(f"{path} exists; pass overwrite=True (--overwrite) to replace a directory")
-    sd = baked_state_dict(model, masks, persona)
+    sd = baked_state_dict(model, masks, persona, tied_embedding)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
@@ -92,12 +105,13 @@ def export(model: nn.Module, masks: MaskStore, persona: str, path: str, tokenize
     return path
 
 
-def bake(model: nn.Module, masks: MaskStore, persona: str, copy: Optional[nn.Module] = None) -> nn.Module:
+def bake(model: nn.Module, masks: MaskStore, persona: str, copy: Optional[nn.Module] = None,
+         tied_embedding: str = "keep") -> nn.Module:
     """Load the baked weights into ``copy`` (a model of the same architecture, e.g. a deepcopy) and return it."""
     target = copy if copy is not None else model
     if getattr(target, "_persona_kernels", None) is not None and target is model:
         raise ExportError("bake in place needs a model without the persona layer (remove it, or pass copy=)")
-    target.load_state_dict(baked_state_dict(model, masks, persona))
+    target.load_state_dict(baked_state_dict(model, masks, persona, tied_embedding))
     return target
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .bitpack import unpack_bits
 from .fingerprint import check_fingerprint
 from .formats import BitmapWeight, BlockSparseWeight, CompactedWeight, SharedBitmask
 from .hf import (
@@ -29,10 +30,12 @@ from .hf import (
     decoder_layers,
     gated_mlps,
     intermediate_size,
+    is_output_head,
     is_plain_linear,
     linear_shape,
     linear_weight,
     set_module,
+    unwrap,
 )
 from .masks.store import MaskStore
 from .npti import INDUCTION_MODES, NeuronSet, induction_add, induction_plan
@@ -186,6 +189,46 @@ class MaskedLinear(_OriginalKeys):
         return y.view(*x.shape[:-1], self.out_features).to(x.device)
 
 
+class MaskedEmbedding(_OriginalKeys):
+    """The input embedding of a model whose tied output head is masked, with the head's mask
+    applied to the looked-up rows (``apply(..., tied_embedding='mask')``): what masking the shared
+    weight in place, as the released Persona code does, gives. Rows are gathered, then masked
+    with the persona's bits: no masked copy of the table is kept."""
+
+    _pk_wrapper = True
+
+    def __init__(self, base: nn.Module, handle: PersonaHandle, packed: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self._register_original_keys()
+        self._handle, self._packed, self._dim = handle, packed, base.weight.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        h = self._handle
+        if h.batch is None and h.current is None:
+            return out
+        packed = self._packed.to(ids.device)
+        rows = packed[h.batch.to(ids.device).view(-1, *([1] * (ids.ndim - 1))).expand(ids.shape), ids] \
+            if h.batch is not None else packed[h.current][ids]
+        gate = unpack_bits(rows, self._dim).to(out.dtype)
+        if h.gamma:
+            gate = gate + h.gamma * (1 - gate)
+        return out * gate
+
+
+TIED_EMBEDDING = ("keep", "mask")
+
+
+def _tied_embedding(model: nn.Module, head_name: str) -> Optional[str]:
+    """Name of the input embedding that shares its weight with the head ``head_name``, or None."""
+    head = unwrap(model.get_submodule(head_name))
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or getattr(unwrap(emb), "weight", None) is not getattr(head, "weight", None):
+        return None
+    return next(n for n, m in model.named_modules() if m is emb)
+
+
 def fusable_activation(act: nn.Module) -> Optional[str]:
     """The induce_neurons ``act`` that computes the same as the MLP's ``act`` module, or None.
 
@@ -251,7 +294,8 @@ def _resolve_format(fmt: str) -> str:
 
 def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, format: str = "auto",
           backend: str = "auto", layers: Optional[Sequence[str]] = None, gamma: float = 0.0,
-          block: tuple = (16, 16), filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> PersonaHandle:
+          block: tuple = (16, 16), filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+          tied_embedding: str = "keep") -> PersonaHandle:
     """Swap every masked linear layer of ``model`` (or the named ``layers``) for a MaskedLinear.
 
     ``persona``: the active persona (None: the original dense model until set_persona).
@@ -259,7 +303,12 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     ``gamma``: soft gate, G = M + gamma (1 - M).
     ``filter_fn``: ``filter_fn(module, name) -> bool`` keeps a masked layer (torchao's
     quantize_ convention); for name-based selection see hf.LayerFilter.
+    ``tied_embedding``: when the store masks an output head that shares its weight with the
+    input embedding: 'keep' (default: the embedding lookup stays unmasked) or 'mask' (the
+    looked-up rows are masked too, as masking the shared weight in place does).
     """
+    if tied_embedding not in TIED_EMBEDDING:
+        raise ValueError(f"tied_embedding must be one of {TIED_EMBEDDING}, got {tied_embedding!r}")
     if getattr(model, _ATTR, None) is not None:
         raise PersonaError("a persona layer is already applied to this model; call remove(model) first")
     if not isinstance(masks, MaskStore):
@@ -294,6 +343,9 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
                                "CPU/disk offload: a device_map over GPUs only, or device_map='cpu'")
         stacked = torch.stack([masks.mask(p, name) for p in masks.personas]).to(w.device)
         built[name] = MaskedLinear(base, handle, _build_format(kind, w, stacked, block), kind, backend)
+        emb = _tied_embedding(model, name) if tied_embedding == "mask" and is_output_head(model, name, base) else None
+        if emb is not None:
+            built[emb] = MaskedEmbedding(modules[emb], handle, masks.packed[name].to(w.device))
     for name, wrapper in built.items():
         handle.swapped[name] = wrapper.base
         set_module(model, name, wrapper)

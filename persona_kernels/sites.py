@@ -19,6 +19,7 @@ from .hf import (  # noqa: F401
     layer_index,
     linear_layers,
     linear_shape,
+    output_head,
 )
 
 
@@ -38,20 +39,22 @@ KINDS = ("linear", "act", "resid")
 
 
 def discover_sites(model: nn.Module, kinds: Sequence[str] = KINDS, layers: Optional[Sequence[int]] = None,
-                   mlp_only: bool = False, include: Optional[str] = None, exclude: Optional[str] = None) -> list[Site]:
+                   mlp_only: bool = False, include: Optional[str] = None, exclude: Optional[str] = None,
+                   include_head: bool = False) -> list[Site]:
     """Every site of the requested kinds, in module order, after the filters.
 
     Defaults: every linear layer except the LM head (embeddings are not linear layers), the
     activation of every gated MLP, and every decoder layer's output. ``layers`` keeps decoder
     layers by index, ``mlp_only`` keeps sites inside MLP blocks, ``include``/``exclude`` are
     regexes on the site name; 'resid' sites follow ``layers`` only (they are no layer's input).
+    ``include_head`` adds the output head's input (the released Persona code masks lm_head too).
     """
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"unknown site kind {k!r}; use any of {KINDS}")
     sites = []
     if "linear" in kinds:
-        for name, m in linear_layers(model):
+        for name, m in linear_layers(model, include_head):
             sites.append(Site(name, "linear", name, linear_shape(m)[1], layer_index(name)))
     if "act" in kinds:
         seen = {}
@@ -64,7 +67,8 @@ def discover_sites(model: nn.Module, kinds: Sequence[str] = KINDS, layers: Optio
             seen[id(act)] = f"{name}.{attr}"
             sites.append(Site(f"{name}.{attr}", "act", f"{name}.{attr}", intermediate_size(mlp), layer_index(name)))
     keep = LayerFilter(layers, mlp_only, include, exclude)
-    sites = [s for s in sites if keep.keep(s.name)]
+    head = output_head(model)
+    sites = [s for s in sites if keep.keep(s.name) or (include_head and model.get_submodule(s.module) is head)]
     if "resid" in kinds:
         by_layer = LayerFilter(layers)
         width = hidden_size(model) if decoder_layers(model) else 0

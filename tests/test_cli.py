@@ -156,3 +156,18 @@ def test_cli_out_is_checked_before_work_and_files_with_bom_or_dirs(tmp_path):
     a.write_text("hello\n")
     code, err = _run_cli("calibrate", "--texts", f"x={a}", "--texts", f"x={a}", "--out", str(tmp_path / "o"))
     assert code == 2 and "twice" in err
+
+
+def test_cli_masks_the_head_on_request(model_dir, texts, tmp_path, capsys):
+    from persona_kernels.masks import MaskStore
+
+    out = str(tmp_path / "out")
+    common = ["--model", model_dir, "--out", out, "--quiet"]
+    data = ["--texts", f"a={texts / 'e.txt'}", "--texts", f"b={texts / 'i.txt'}"]
+    assert main(["calibrate", *common, *data, "--include-head"]) == 0
+    assert main(["masks", *common, "--include-head"]) == 0
+    assert "lm_head" in MaskStore.load(f"{out}/masks-wanda.safetensors").layers
+    assert main(["generate", *common, "--masks", f"{out}/masks-wanda.safetensors", "--persona", "a",
+                 "--tied-embedding", "mask", "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    assert main(["export", *common, "--masks", f"{out}/masks-wanda.safetensors", "--persona", "a",
+                 "--path", str(tmp_path / "exported"), "--tied-embedding", "mask"]) == 0

@@ -104,6 +104,7 @@ def cmd_calibrate(args) -> int:
     res = calibrate(model, tok, texts, batch_size=args.batch_size, max_length=args.max_length, mlp_only=args.mlp_only,
                     token_scope=args.token_scope, backend=args.backend, progress=not args.quiet,
                     max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                    include_head=args.include_head,
                     pair_scope=args.pair_scope, chat_template=args.chat_template, system_prompt=args.system_prompt)
     path = res.save(_out(args, "statistics.safetensors"))
     print(res.summary())
@@ -121,7 +122,7 @@ def cmd_masks(args) -> int:
     personas = args.personas.split(",") if args.personas else None
     store = build_masks(model, calib, personas, method=args.method, sparsity=args.sparsity,
                         granularity=args.granularity, statistic=args.statistic, mlp_only=args.mlp_only, seed=args.seed,
-                        layers=layers, layer_sparsity=layer_sparsity, mode=args.mode)
+                        layers=layers, layer_sparsity=layer_sparsity, mode=args.mode, include_head=args.include_head)
     path = store.save(_out(args, f"masks-{args.method}.safetensors"))
     for p in store.personas:
         print(f"{p}: density {store.density(p)['*']:.3f}")
@@ -248,7 +249,8 @@ def _persona_model(args):
         store = MaskStore.load(args.masks, model=model)
         if not args.persona:
             raise ValueError(f"--masks needs --persona (one of {store.personas}); without it the model would run unmasked")
-        pm.apply(model, store, persona=args.persona, format=args.format, gamma=args.gamma)
+        pm.apply(model, store, persona=args.persona, format=args.format, gamma=args.gamma,
+                 tied_embedding=args.tied_embedding)
     elif args.persona and not args.vectors:
         raise ValueError("--persona needs --masks or --vectors")
     if args.neurons:
@@ -387,7 +389,8 @@ def cmd_export(args) -> int:
         raise ValueError("export needs --masks FILE and --persona NAME")
     model, tok = load_model(args.model, args.dtype, args.device)
     store = MaskStore.load(args.masks, model=model)
-    path = export(model, store, args.persona, args.path, tokenizer=tok, format=args.format, overwrite=args.overwrite)
+    path = export(model, store, args.persona, args.path, tokenizer=tok, format=args.format, overwrite=args.overwrite,
+                  tied_embedding=args.tied_embedding)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     print(f"persona {args.persona!r} ({store.method}) written to {path} ({size / 2**20:.1f} MiB); "
           f"load it with transformers.AutoModelForCausalLM.from_pretrained({path!r})")
@@ -444,6 +447,8 @@ def _common(p, data=False, persona=False):
         p.add_argument("--persona", help="persona of the mask store to activate")
         p.add_argument("--format", default="auto", help="sparse format: auto, bitmap, shared_bitmask, compacted, dense")
         p.add_argument("--gamma", type=float, default=0.0, help="soft gate gamma in [0, 1] (0: hard mask)")
+        p.add_argument("--tied-embedding", default="keep", choices=["keep", "mask"],
+                       help="a masked lm_head tied to the input embedding: mask the embedding too (as in-place masking)")
         p.add_argument("--neurons", help="NPTI neuron set of the target aspect")
         p.add_argument("--opposite-neurons", help="NPTI neuron set of the opposite aspect (deactivated)")
         p.add_argument("--strength", type=float, default=1.0, help="NPTI push strength val (0.6-1.5 typical)")
@@ -472,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode steps (NPTI's released counting)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="continuation length for generated/both/decode")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="of the greedy continuation (NPTI code: 1.1)")
+    p.add_argument("--include-head", action="store_true", help="also calibrate the output head's input (to mask lm_head)")
     p.add_argument("--pair-scope", default="answer", choices=["answer", "prompt", "both"],
                    help="question/answer pairs (--csv): which tokens count (default: the answer)")
     p.add_argument("--backend", default="auto", help="accumulate_stats backend: auto, reference, triton, cpp, cuda")
@@ -493,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="decoder layers to mask: indices (0,1), a range (20-29) or a set "
                                     "(all, first_third, middle_third, last_third, first_half, last_half)")
     p.add_argument("--layer-sparsity", help="per-layer sparsity overriding --sparsity, e.g. 20=0.6,21=0.7")
+    p.add_argument("--include-head", action="store_true", help="also mask lm_head (the released Persona code does)")
     p.add_argument("--mode", default="prune", choices=["prune", "difference"],
                    help="difference: remove only the weights this persona drops and the other keeps (an edit)")
     p.set_defaults(func=cmd_masks)
@@ -592,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", required=True, help="output directory (save_pretrained layout)")
     p.add_argument("--format", default="hf", choices=["hf"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    p.add_argument("--tied-embedding", default="keep", choices=["keep", "mask"],
+                   help="a masked lm_head tied to the input embedding: write both masked (the only tied form)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="decode tokens/s: dense vs persona masks at several sparsities")

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..calibrate import CalibrationResult
 from ..fingerprint import check_fingerprint
-from ..hf import LayerFilter, linear_weight
+from ..hf import LayerFilter, linear_weight, output_head
 from . import methods
 from .store import MaskStore
 
@@ -54,6 +54,9 @@ class MaskConfig:
                  were calibrated, i.e. every linear layer but the LM head); ``layers`` takes
                  decoder-layer indices (``layer_range(num_layers, "last_third")`` names common sets).
     layer_sparsity: {decoder-layer index: sparsity} overriding ``sparsity`` at those layers.
+    include_head: also mask the output head (calibrated with include_head=True), as the released
+                 Persona code does; off by default. With tied input/output embeddings the
+                 persona layer masks the head's product only (apply's ``tied_embedding``).
     mode:        'prune' (default: each persona keeps its own selection) or 'difference' (two
                  personas: start from the unmasked model and remove only the weights that this
                  persona drops and the other keeps, so the persona is a small edit, not a pruning).
@@ -76,6 +79,7 @@ class MaskConfig:
     tie_break: str = "wanda"
     layer_sparsity: Optional[dict] = None
     mode: str = "prune"
+    include_head: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -99,9 +103,17 @@ class MaskConfig:
             raise ValueError("contrastive_sparse selects per row; granularity must be 'row'")
 
 
-def _layers(calib: CalibrationResult, cfg: MaskConfig) -> list[str]:
-    names = [n for n, s in calib.sites.items() if s.kind == "linear"]
+def _layers(model: nn.Module, calib: CalibrationResult, cfg: MaskConfig) -> list[str]:
+    head = output_head(model)
+    heads = [n for n, s in calib.sites.items() if s.kind == "linear" and head is not None and
+             model.get_submodule(n) is head]
+    names = [n for n, s in calib.sites.items() if s.kind == "linear" and n not in heads]
     names = LayerFilter(cfg.layers, cfg.mlp_only, cfg.include, cfg.exclude).select(names)
+    if cfg.include_head:
+        if not heads:
+            raise ValueError("include_head=True, but the statistics hold no output-head site; calibrate with "
+                             "include_head=True (--include-head)")
+        names += heads
     if not names:
         raise ValueError("no calibrated linear layers match the mask configuration")
     return names
@@ -127,7 +139,7 @@ def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[S
         raise ValueError(f"mode 'difference' needs exactly two personas, got {personas}")
     modules = dict(model.named_modules())
     out = {p: {} for p in personas}
-    for layer in _layers(calib, cfg):
+    for layer in _layers(model, calib, cfg):
         st = calib.stats[layer]
         w = linear_weight(modules[layer])
         sparsity = (cfg.layer_sparsity or {}).get(calib.sites[layer].layer, cfg.sparsity)
