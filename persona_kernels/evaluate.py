@@ -15,6 +15,7 @@ perplexity on neutral text, and the mean log-probability of the persona's own an
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import hf
 from .data.loaders import MCItem
 from .prompts import PERSONA_CODE_SYSTEM, PromptFormat, persona_code_text
 
@@ -145,6 +147,150 @@ def sequence_scores(model: nn.Module, tokenizer, seqs: Sequence[tuple[list[int],
     return out, [len(t) - max(start, 1) for t, start in seqs]
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position: logit - logsumexp (no [.., V] log-softmax tensor kept)."""
+    logits = logits.float()
+    return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)).double()
+
+
+def _prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix that every sequence shares."""
+    n = 0
+    for t in zip(*seqs):
+        if any(v != t[0] for v in t):
+            break
+        n += 1
+    return n
+
+
+def _fill(lp: torch.Tensor, logits: torch.Tensor, seq: Sequence[int], first: int, last: int, col0: int) -> None:
+    """lp[t] = log p(seq[t]) for t in [first, last], where logits row ``col0`` predicts token
+    ``first`` (and row col0 + j token first + j)."""
+    if last < first:
+        return
+    tgt = torch.tensor(seq[first:last + 1], device=logits.device)
+    lp[first:last + 1] = _token_logprobs(logits[col0:col0 + last - first + 1], tgt).cpu()
+
+
+def _score_continuations(model, rows: list, attn_p: torch.Tensor, g: int, cut: list, starts: list, lps: list, cache,
+                         pad: int, device) -> None:
+    """Run each (item, side, sequence) row's tokens after its item's prompt from ``cache`` (one
+    cache row per row), right-padded, and fill its token log-probabilities."""
+    conts = [seq[cut[i]:] for i, _, seq in rows]
+    n, Lc = len(rows), max(len(t) for t in conts)  # >= 2: one-token answers need no forward
+    ids = torch.full((n, Lc), pad, dtype=torch.long)
+    attn_c = torch.zeros(n, Lc, dtype=torch.long)
+    for r, t in enumerate(conts):
+        ids[r, :len(t)] = torch.tensor(t)
+        attn_c[r, :len(t)] = 1
+    pos = torch.tensor([cut[i] for i, _, _ in rows]).unsqueeze(1) + torch.arange(Lc)
+    attn = torch.cat([torch.ones(n, g, dtype=torch.long), attn_p, attn_c], 1)
+    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device), use_cache=True,
+                   **hf.cache_kwargs(model, cache)).logits
+    for r, (i, side, seq) in enumerate(rows):  # column j predicts token cut + j + 1
+        first = max(starts[i], cut[i] + 1)
+        _fill(lps[i][side], logits[r], seq, first, len(seq) - 1, first - cut[i] - 1)
+
+
+@torch.inference_mode()
+def pair_scores(model: nn.Module, tokenizer, pairs: Sequence[tuple[list[int], list[int], int]], batch_size: int = 8,
+                reduce: str = "mean", progress: bool = False, desc: str = "scoring") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of two sequences per item that share a prefix (the question's prompt): for each
+    (ids_a, ids_b, start) the log-probabilities of tokens ids[start:], summed or averaged.
+
+    Nothing is computed twice: the prefix that every sequence shares (a chat template's header
+    and system prompt) runs once; each item's own prompt runs once per item, left-padded so that
+    rows end at the same column, after the shared prefix's KV cache, with logits only at the
+    positions that are scored; both answers then run from that cache, right-padded. Exact up to
+    float rounding (the same tokens, positions and attention as one forward per sequence)."""
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    if not pairs:
+        return torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    seqs = [(list(a), list(b)) for a, b, _ in pairs]
+    starts = [max(st, 1) for _, _, st in pairs]
+    # each item's prompt stops one token short of either side's end: both sides keep a continuation
+    cut = [min(_common_prefix(a, b), len(a) - 1, len(b) - 1) for a, b in seqs]
+    if min(cut) < 1:
+        raise ValueError("pair_scores needs two sequences per item that share at least their first token")
+    # every item keeps a token of its own; a one-token forward would look like a decode step to
+    # NPTI's 'npti-code' induction, so the shared prefix is 0 or >= 2 tokens and prompts are padded to 2
+    g = min(_prefix_len([s for pair in seqs for s in pair]), min(cut) - 1)
+    g = g if g >= 2 else 0
+    lps = [[torch.full((len(s),), float("nan"), dtype=torch.float64) for s in pair] for pair in seqs]
+    keep = {"logits_to_keep": 0} if "logits_to_keep" in hf.forward_params(model) else {}
+    was_training = model.training
+    model.eval()
+    try:
+        shared = None
+        if g:
+            out = model(input_ids=torch.tensor([seqs[0][0][:g]], device=device), use_cache=True, **keep)
+            shared = hf.output_cache(out)
+            for pair, lp in zip(seqs, lps):
+                for seq, l in zip(pair, lp):  # token t <= g is predicted by shared position t - 1
+                    _fill(l, out.logits[0], seq, 1, g, 0)
+        order = sorted(range(len(seqs)), key=lambda i: -cut[i])
+        from tqdm.auto import tqdm
+
+        for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            idx = order[s:s + batch_size]
+            B, Lp = len(idx), max(2, max(cut[i] - g for i in idx))
+            ids_p = torch.full((B, Lp), pad, dtype=torch.long)
+            attn_p = torch.zeros(B, Lp, dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids_p[r, Lp - cut[i] + g:] = torch.tensor(seqs[i][0][g:cut[i]])
+                attn_p[r, Lp - cut[i] + g:] = 1
+            # scored tokens g+1 .. cut are predicted by this item's positions: keep that many last columns
+            k = max(1, max(cut[i] - max(starts[i] - 1, g) for i in idx))
+            cache = None
+            if shared is not None:
+                cache = copy.deepcopy(shared)
+                cache.batch_repeat_interleave(B)
+            head = torch.ones(B, g, dtype=torch.long)
+            out = model(input_ids=ids_p.to(device), attention_mask=torch.cat([head, attn_p], 1).to(device),
+                        position_ids=(g + attn_p.cumsum(1) - 1).clamp(min=0).to(device), use_cache=True,
+                        **hf.cache_kwargs(model, cache), **({"logits_to_keep": k} if keep else {}))
+            logits_p, cache = out.logits[:, -k:], hf.output_cache(out)
+            for r, i in enumerate(idx):  # position p sits in column p - cut + k
+                for seq, l in zip(seqs[i], lps[i]):
+                    first = max(starts[i], g + 1)
+                    _fill(l, logits_p[r], seq, first, cut[i], first - 1 - cut[i] + k)
+            cache.batch_repeat_interleave(2)
+            rows = [(i, side, seqs[i][side]) for i in idx for side in (0, 1)]  # row 2r + side of the cache
+            # answers vary in length: run them in length-sorted chunks, each from its rows of the cache;
+            # a one-token answer needs no forward (its token is predicted by the prompt's last position)
+            live = sorted((r for r in range(2 * B) if len(rows[r][2]) - cut[rows[r][0]] > 1),
+                          key=lambda r: len(rows[r][2]) - cut[rows[r][0]])
+            for c in range(0, len(live), batch_size):
+                chunk = live[c:c + batch_size]
+                sub = cache
+                if chunk != list(range(2 * B)):
+                    sub = copy.deepcopy(cache)
+                    sub.batch_select_indices(torch.tensor(chunk, device=device))
+                _score_continuations(model, [rows[r] for r in chunk], attn_p[[r // 2 for r in chunk]], g, cut, starts, lps,
+                                     sub, pad, device)
+    finally:
+        model.train(was_training)
+    scores = torch.empty(2, len(seqs), dtype=torch.float64)
+    for i, (lp, st) in enumerate(zip(lps, starts)):
+        for side in (0, 1):
+            v = lp[side][st:]
+            if torch.isnan(v).any():  # a token no forward scored: a bug here, never a silent number
+                raise RuntimeError(f"pair_scores: item {i} side {side}: unscored tokens")
+            scores[side, i] = v.sum() if reduce == "sum" else v.mean()
+    return scores[0], scores[1]
+
+
 def answer_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str],
                     batch_size: int = 8) -> torch.Tensor:
     """Summed log p(answer tokens | prompt) for each (prompt, answer) pair (answer tokenised on its own)."""
@@ -189,9 +335,11 @@ def evaluate_mc(model: nn.Module, tokenizer, items: Sequence[MCItem], batch_size
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; choose one of {SCORINGS}")
     seqs, len_a, len_b = _item_sequences(tokenizer, items, scoring, prompt or _PLAIN, persona_system)
-    scores, _ = sequence_scores(model, tokenizer, seqs, batch_size, "sum" if scoring == "sum" else "mean", progress,
-                                desc=f"A/B ({scoring})")
-    la, lb = scores[:len(items)], scores[len(items):]
+    n = len(items)
+    # both answers of an item share its prompt: one prefix forward, two continuations from its KV cache
+    pairs = [(a, b, start) for (a, start), (b, _) in zip(seqs[:n], seqs[n:])]
+    la, lb = pair_scores(model, tokenizer, pairs, batch_size, "sum" if scoring == "sum" else "mean", progress,
+                         desc=f"A/B ({scoring})")
     choices = ["A" if a >= b else "B" for a, b in zip(la.tolist(), lb.tolist())]
     acc = sum(c == it.matching for c, it in zip(choices, items)) / len(items)
     return MCResult(acc, choices, la, lb, [it.matching for it in items], scoring, len_a, len_b)
@@ -207,4 +355,5 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: in
     return math.exp(-float(sums.sum()) / max(1, sum(counts)))
 
 
-__all__ = ["MCResult", "SCORINGS", "answer_logprobs", "binomial_se", "evaluate_mc", "mcnemar", "perplexity", "sequence_scores"]
+__all__ = ["MCResult", "SCORINGS", "answer_logprobs", "binomial_se", "evaluate_mc", "mcnemar", "pair_scores", "perplexity",
+           "sequence_scores"]

@@ -151,6 +151,26 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+# ---- forward calls -----------------------------------------------------------------------------
+
+def forward_params(model: nn.Module) -> frozenset:
+    import inspect
+
+    return frozenset(inspect.signature(model.forward).parameters)
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """The keyword that passes a KV cache to ``model``'s forward ('cache' in transformers >= 5.2x,
+    'past_key_values' before)."""
+    return {"cache" if "cache" in forward_params(model) else "past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache of a forward's output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @dataclass(frozen=True)
 class LayerFilter:
     """Which layers (or statistics sites) to use; every given condition must hold.
@@ -186,6 +206,6 @@ class LayerFilter:
 
 
 __all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture", "activation_attr",
-           "check_supported", "decoder_layers",
+           "cache_kwargs", "check_supported", "decoder_layers", "forward_params", "output_cache",
            "gated_mlps", "hidden_size", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear",
            "layer_index", "linear_layers", "linear_shape", "linear_weight", "output_head", "set_module", "unwrap"]

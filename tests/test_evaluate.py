@@ -238,3 +238,68 @@ def test_study_sweep_chooses_on_validation_items_and_reports_held_out(tmp_path):
     assert any(r["kind"] == "control" for r in test)
     md = (out / "study.md").read_text()
     assert "Selection on the validation items" in md and "Validation sweep" in md
+
+
+PAIR_ITEMS = [MCItem("Do you like parties?", "Yes, a lot.", "Yes!", "A"), MCItem("Quiet night?", "Sure.", "Never, ever!", "B"),
+              MCItem("Lead the whole team into the next big project?", "Gladly, I will.", "Rather not.", "A"),
+              MCItem("Hm?", "No no no no no no.", "No.", "B"), MCItem("Join?", "a", "b", "A")]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "olmo2", "gpt2"])
+@pytest.mark.parametrize("scoring", ["mean", "persona-code"])
+def test_shared_prefix_scoring_equals_one_forward_per_answer(arch, scoring):
+    """evaluate_mc runs the shared prefix once and both answers from its KV cache (left-padded
+    prompts, answers in length-sorted chunks); every score equals a forward of the whole sequence."""
+    model, tok = tiny_causal_lm(arch, seed=7), char_tokenizer()
+    r = evaluate_mc(model, tok, PAIR_ITEMS, batch_size=2, scoring=scoring)
+    for i, it in enumerate(PAIR_ITEMS):
+        for side, got in (("a", r.logprob_a[i]), ("b", r.logprob_b[i])):
+            ans = getattr(it, side)
+            if scoring == "persona-code":
+                ids = tok(persona_code_text(it.question, ans))["input_ids"]
+                lp = _token_logprobs(model, ids)
+            else:
+                p = tok(f"Question: {it.question}\nAnswer:")["input_ids"]
+                lp = _token_logprobs(model, p + tok(" " + ans, add_special_tokens=False)["input_ids"])[len(p) - 1:]
+            assert float(got) == pytest.approx(sum(lp) / len(lp), rel=1e-5, abs=1e-5), (arch, i, side)
+
+
+def test_shared_prefix_scoring_under_a_persona_and_npti_code_induction():
+    """With masks applied and NPTI in 'npti-code' mode (which edits one-token forwards only) the
+    scores still equal whole-sequence forwards: no continuation forward is one token long."""
+    from persona_kernels import apply, apply_neurons, identify_neurons, remove
+
+    model, tok = tiny_causal_lm("llama", seed=8), char_tokenizer()
+    calib = calibrate(model, tok, {"a": ["hello there friend", "some text"], "b": ["other words", "quiet"]}, progress=False)
+    apply(model, build_masks(model, calib, sparsity=0.5), persona="a")
+    na, nb = identify_neurons(calib, "a", "b", min_neurons=8), identify_neurons(calib, "b", "a", min_neurons=8)
+    apply_neurons(model, na, nb, strength=1.0, mode="npti-code")
+    items = [MCItem("Q?", "x", "y", "A"), MCItem("Another q?", "ab", "c", "B")]  # one-token answers
+    r = evaluate_mc(model, tok, items, batch_size=2, scoring="sum")
+    for i, it in enumerate(items):
+        p = tok(f"Question: {it.question}\nAnswer:")["input_ids"]
+        for side, got in (("a", r.logprob_a[i]), ("b", r.logprob_b[i])):
+            lp = _token_logprobs(model, p + tok(" " + getattr(it, side), add_special_tokens=False)["input_ids"])[len(p) - 1:]
+            assert float(got) == pytest.approx(sum(lp), rel=1e-5, abs=1e-5)
+    remove(model)
+
+
+def test_shared_prefix_scoring_when_items_differ_only_in_their_answers():
+    """Items with one question: every item's own prompt is a single token after the shared
+    prefix; with NPTI 'npti-code' induction (one-token forwards are decode steps) the scores must
+    still equal whole-sequence forwards. Odd item counts leave a batch of one item."""
+    from persona_kernels import apply_neurons, identify_neurons, remove
+
+    model, tok = tiny_causal_lm("qwen2", seed=9), char_tokenizer()
+    calib = calibrate(model, tok, {"a": ["hello there friend", "some text"], "b": ["other words", "quiet"]}, progress=False)
+    apply_neurons(model, identify_neurons(calib, "a", "b", min_neurons=8), identify_neurons(calib, "b", "a", min_neurons=8),
+                  strength=3.0, mode="npti-code")
+    items = [MCItem("Same?", a, b, "A") for a, b in (("xa", "yab"), ("xb", "ybcd"), ("zz", "z"))]
+    for bs in (1, 2, 3):
+        r = evaluate_mc(model, tok, items, batch_size=bs, scoring="sum")
+        p = tok("Question: Same?\nAnswer:")["input_ids"]
+        for i, it in enumerate(items):
+            for side, got in (("a", r.logprob_a[i]), ("b", r.logprob_b[i])):
+                lp = _token_logprobs(model, p + tok(" " + getattr(it, side), add_special_tokens=False)["input_ids"])[len(p) - 1:]
+                assert float(got) == pytest.approx(sum(lp), rel=1e-5, abs=1e-5), (bs, i, side)
+    remove(model)
