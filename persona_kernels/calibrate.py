@@ -52,7 +52,10 @@ class CalibrationConfig:
     pair_scope:    for (question, answer) pairs, formatted like evaluation does (prompts.py):
                    the tokens that count, 'answer' (default), 'prompt' or 'both'.
     chat_template, system_prompt: the prompt format of pairs (PromptFormat; None: the
-                   tokenizer's chat template when it has one).
+                   tokenizer's chat template when it has one). Plain texts are used as they
+                   are unless ``chat_template=True``: then each is the user turn of the chat
+                   template with the generation prompt (NPTI's search prompts,
+                   PersonalityBench.role_play_prompts).
     """
 
     kinds: tuple = KINDS
@@ -308,8 +311,11 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
                 collector.valid = scope.to(device)
                 model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
                 continue
-            enc = tokenizer([items[i][0] for i in batch], return_tensors="pt", padding=True, truncation=True,
-                            max_length=cfg.max_length)
+            texts = [items[i][0] for i in batch]
+            if cfg.chat_template:  # each plain text as the user turn (NPTI's search prompts); the template adds the specials
+                texts = [fmt.prompt(tokenizer, t) for t in texts]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length,
+                            add_special_tokens=not cfg.chat_template)
             ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             if cfg.token_scope == "prompt":
                 collector.valid = attn.to(torch.bool)

@@ -121,3 +121,69 @@ def test_evaluate_mc_choices_and_accuracy():
     assert ((r.margin > 0) == torch.tensor([c == it.matching for c, it in zip(want, items)])).all()
     with pytest.raises(ValueError, match="no evaluation items"):
         evaluate_mc(model, tok, [])
+
+
+def _bench_dir(tmp_path):
+    traits = ["Openness", "Conscientiousness", "Extraversion", "Agreeableness", "Neuroticism"]
+    recs = [{k: f"You are {k} #{i}." for t in traits for k in (t, f"{t}_reversed")} for i in range(3)]
+    (tmp_path / "description.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "Extraversion.json").write_text('{"question": "Party?"}\n{"question": "Crowds?"}\n')
+    return tmp_path
+
+
+def test_role_play_prompts_draw_one_description_per_question(tmp_path):
+    pb = load_personalitybench(_bench_dir(tmp_path))
+    got = pb.role_play_prompts("Extraversion", seed=3)
+    assert set(got) == {"Extraversion", "Extraversion_reversed"}
+    for pole, prompts in got.items():
+        assert len(prompts) == 2
+        for q, p in zip(["Party?", "Crowds?"], prompts):
+            assert q in p and sum(d in p for d in pb.descriptions[pole]) == 1
+    assert pb.role_play_prompts("Extraversion", seed=3) == got  # seeded
+    assert pb.role_play_prompts("Extraversion", "{personality}|{question}", questions=["Q"])["Extraversion"][0].endswith("|Q")
+    with pytest.raises(KeyError, match="no questions"):
+        pb.role_play_prompts("Openness")
+    with pytest.raises(ValueError, match="no {question} field"):
+        pb.role_play_prompts("Extraversion", "{personality}")
+
+
+def test_plain_texts_as_the_chat_user_turn():
+    """calibrate(chat_template=True) counts the tokens of each text rendered as the chat's user
+    turn (with the generation prompt); without it the texts are tokenized as they are."""
+    from persona_kernels.calibrate import calibrate
+    from persona_kernels.prompts import PromptFormat
+
+    model, tok = tiny_causal_lm("llama", seed=1), char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    texts = {"a": ["hi there", "party!"], "b": ["quiet", "a book"]}
+    chat = calibrate(model, tok, texts, chat_template=True, progress=False)
+    plain = calibrate(model, tok, texts, progress=False)
+    fmt = PromptFormat(chat_template=True)
+    for i, p in enumerate(texts):
+        want = sum(len(tok(fmt.prompt(tok, t), add_special_tokens=False)["input_ids"]) for t in texts[p])
+        assert int(next(iter(chat.stats.values())).count[i]) == want
+        assert int(next(iter(plain.stats.values())).count[i]) == sum(len(tok(t)["input_ids"]) for t in texts[p])
+    with pytest.raises(ValueError, match="no chat template"):
+        calibrate(model, char_tokenizer(), texts, chat_template=True, progress=False)
+
+
+def test_cli_calibrates_role_play_prompts(tmp_path):
+    from persona_kernels.app.cli import main
+    from persona_kernels.calibrate import CalibrationResult
+
+    model_dir = tmp_path / "m"
+    tiny_causal_lm("llama").save_pretrained(model_dir)
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    tok.save_pretrained(model_dir)
+    (tmp_path / "pb").mkdir()
+    bench = _bench_dir(tmp_path / "pb")
+    (tmp_path / "t.txt").write_text("{personality} -- {question}\n")
+    out = tmp_path / "o"
+    assert main(["calibrate", "--model", str(model_dir), "--personalitybench", str(bench), "--trait", "Extraversion",
+                 "--role-play-template", str(tmp_path / "t.txt"), "--token-scope", "decode", "--max-new-tokens", "3",
+                 "--out", str(out), "--quiet"]) == 0
+    res = CalibrationResult.load(out / "statistics.safetensors")
+    assert res.personas == ["Extraversion", "Extraversion_reversed"] and res.config["chat_template"] is True
+    assert res.config["token_scope"] == "decode"

@@ -31,7 +31,11 @@ def load_texts(args) -> dict:
     if args.personalitybench:
         if not args.trait:
             raise ValueError("--personalitybench needs --trait (e.g. Extraversion)")
-        return data.load_personalitybench(args.personalitybench).texts_by_persona(args.trait)
+        bench = data.load_personalitybench(args.personalitybench)
+        if getattr(args, "role_play", False) or getattr(args, "role_play_template", None):
+            template = data.load_template(args.role_play_template) if args.role_play_template else data.ROLE_PLAY_TEMPLATE
+            return bench.role_play_prompts(args.trait, template, seed=getattr(args, "seed", 0) or 0)
+        return bench.texts_by_persona(args.trait)
     if args.model == BUILTIN and args.builtin == "extraversion":
         from ..builtin import builtin_calibration_texts  # the texts the built-in model's masks work from
 
@@ -101,6 +105,8 @@ def cmd_calibrate(args) -> int:
 
     model, tok = load_model(args.model, args.dtype, args.device)
     texts = load_texts(args)
+    if (args.role_play or args.role_play_template) and args.chat_template is None:
+        args.chat_template = True  # role-play prompts are the user turn
     res = calibrate(model, tok, texts, batch_size=args.batch_size, max_length=args.max_length, mlp_only=args.mlp_only,
                     token_scope=args.token_scope, backend=args.backend, progress=not args.quiet,
                     max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
@@ -440,6 +446,11 @@ def _common(p, data=False, persona=False):
         g.add_argument("--personas", help="names for the CSV's matching,not_matching columns, e.g. power,humble")
         g.add_argument("--personalitybench", metavar="DIR", help="PersonalityBench directory (with --trait)")
         g.add_argument("--trait", help="Big Five trait for PersonalityBench, e.g. Extraversion")
+        g.add_argument("--role-play", action="store_true",
+                       help="PersonalityBench as NPTI's search prompts: each question with a random description of the pole, "
+                            "calibrated as the chat's user turn (pair with --token-scope decode)")
+        g.add_argument("--role-play-template", metavar="FILE",
+                       help="template of --role-play with {personality} and {question} (e.g. the released NPTI script's)")
         g.add_argument("--plain-texts", action="store_true",
                        help="--csv as plain '{question} {answer}' texts (every token counted) instead of prompt/answer pairs")
     if persona:

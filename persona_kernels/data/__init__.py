@@ -4,6 +4,7 @@ from __future__ import annotations
 from importlib import resources
 
 from .loaders import (
+    ROLE_PLAY_TEMPLATE,
     DataFormatError,
     MCItem,
     PersonalityBench,
@@ -12,6 +13,7 @@ from .loaders import (
     load_persona_csv,
     load_persona_pairs,
     load_personalitybench,
+    load_template,
     load_text_lines,
 )
 
@@ -56,4 +58,4 @@ def builtin_mc_items(name: str = "extraversion") -> list:
 
 __all__ = ["builtin_mc_items", "BUILTIN_PAIRS", "BUILTIN_PERSONAS", "DataFormatError", "MCItem", "PersonalityBench", "builtin_pair",
            "builtin_texts", "load_mc_any", "load_mc_csv", "load_personalitybench", "load_persona_csv", "load_persona_pairs",
-           "load_text_lines", "neutral_texts"]
+           "load_template", "load_text_lines", "neutral_texts", "ROLE_PLAY_TEMPLATE"]

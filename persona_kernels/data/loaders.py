@@ -6,6 +6,7 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 TRAIN_HEADER = ["question", "matching", "not_matching"]
 MC_HEADER = ["question", "A", "B", "matching"]
@@ -27,6 +28,14 @@ def _read(path) -> str:
             return f.read()
     except UnicodeDecodeError as exc:
         raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def load_template(path) -> str:
+    """A prompt template file, read as it is (trailing newlines kept)."""
+    text = _read(path)
+    if not text.strip():
+        raise DataFormatError(f"{os.fspath(path)}: empty template")
+    return text
 
 
 def load_text_lines(path) -> list[str]:
@@ -151,6 +160,13 @@ def _jsonl(path) -> list[tuple[int, dict]]:
     return out
 
 
+# A role-play prompt in the spirit of NPTI's neuron search (a description of the pole, then a
+# question to answer in character). For exact parity pass the released script's own template.
+ROLE_PLAY_TEMPLATE = ("Take on the personality described below as your own, with its outlook and its tone, and answer "
+                      "the question in that character. Write freely, in under 300 words.\n"
+                      "###Personality description:{personality}\n\n###Question:{question}\n\n###Response:\n")
+
+
 @dataclass
 class PersonalityBench:
     """PersonalityBench: descriptions per pole ('Openness', 'Openness_reversed', ...) and test questions per trait."""
@@ -163,6 +179,22 @@ class PersonalityBench:
         if trait not in BIG_FIVE:
             raise KeyError(f"unknown trait {trait!r}; choose one of {BIG_FIVE}")
         return {trait: self.descriptions[trait], f"{trait}_reversed": self.descriptions[f"{trait}_reversed"]}
+
+    def role_play_prompts(self, trait: str, template: str = ROLE_PLAY_TEMPLATE, seed: int = 0,
+                          questions: Optional[Sequence[str]] = None) -> dict[str, list[str]]:
+        """NPTI's search prompts: for each pole, every question of the trait (or ``questions``)
+        with one description of that pole drawn at random (seeded), filled into ``template``
+        ({personality}, {question}). Calibrate them as the user turn of the chat template
+        (``chat_template=True``) with ``token_scope='decode'`` for the released counting."""
+        poles = self.texts_by_persona(trait)
+        qs = list(questions) if questions is not None else self.questions.get(trait)
+        if not qs:
+            raise KeyError(f"no questions for {trait!r}: add test/{trait}.json or pass questions=")
+        for key in ("{personality}", "{question}"):
+            if key not in template:
+                raise ValueError(f"the role-play template has no {key} field")
+        rng = random.Random(seed)
+        return {pole: [template.format(personality=rng.choice(desc), question=q) for q in qs] for pole, desc in poles.items()}
 
 
 def load_personalitybench(root) -> PersonalityBench:
