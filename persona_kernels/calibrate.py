@@ -7,6 +7,7 @@ removed, even when a batch raises.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .fingerprint import architecture, check_fingerprint, model_fingerprint
+from .hf import max_positions, padded_inputs
 from .io import load_artifact, save_artifact
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
 from .prompts import PromptFormat
@@ -241,16 +243,15 @@ def _forward_with_generation(model, tokenizer, collector: _Collector, ids, attn,
         real[:, -1] = False
     scope = torch.cat([attn.to(torch.bool) if cfg.token_scope == "both" else torch.zeros_like(attn, dtype=torch.bool), real], 1)
     collector.valid = scope
-    position_ids = (full_attn.to(torch.int64).cumsum(1) - 1).clamp(min=0)
-    model(input_ids=seq, attention_mask=full_attn.to(attn.dtype), position_ids=position_ids, use_cache=False)
+    model(input_ids=seq, **padded_inputs(model, full_attn.to(attn.dtype)), use_cache=False)
 
 
-def _pair_batch(encoded: list, pad: int, cfg: CalibrationConfig):
+def _pair_batch(encoded: list, pad: int, cfg: CalibrationConfig, limit: int):
     """Right-padded ids, attention mask and the counted tokens of (ids, prompt length) pairs,
-    truncated to max_length (from the left of the prompt, so answers are kept)."""
+    truncated to ``limit`` tokens (from the left of the prompt, so answers are kept)."""
     rows = []
     for ids, n_prompt in encoded:
-        cut = max(0, len(ids) - cfg.max_length)
+        cut = max(0, len(ids) - limit)
         rows.append((ids[cut:], max(0, n_prompt - cut)))
     L = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), L), pad, dtype=torch.long)
@@ -262,6 +263,18 @@ def _pair_batch(encoded: list, pad: int, cfg: CalibrationConfig):
         lo, hi = {"answer": (n_prompt, len(t)), "prompt": (0, n_prompt), "both": (0, len(t))}[cfg.pair_scope]
         scope[i, lo:hi] = True
     return ids, attn, scope
+
+
+def _token_limit(model: nn.Module, cfg: CalibrationConfig) -> int:
+    """Tokens a calibration input may have: max_length, and what the model's positions admit
+    (the continuation included when generating)."""
+    limit, most = cfg.max_length, max_positions(model)
+    if most is not None:
+        room = most - (cfg.max_new_tokens if cfg.token_scope != "prompt" else 0)
+        if room < 1:
+            raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt: the model admits {most} positions")
+        limit = min(limit, room)
+    return limit
 
 
 @torch.inference_mode()
@@ -297,6 +310,8 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
     padding_side = tokenizer.padding_side
     if cfg.token_scope != "prompt":
         tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    limit = _token_limit(model, cfg)
+    truncated = 0
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -307,19 +322,23 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
         for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not cfg.progress):
             collector.segments = torch.tensor([items[i][1] for i in batch], dtype=torch.int64)
             if pairs:
-                ids, attn, scope = _pair_batch([encoded[i] for i in batch], tokenizer.pad_token_id, cfg)
+                ids, attn, scope = _pair_batch([encoded[i] for i in batch], tokenizer.pad_token_id, cfg, limit)
+                truncated += sum(len(encoded[i][0]) > limit for i in batch)
                 collector.valid = scope.to(device)
-                model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+                model(input_ids=ids.to(device), **padded_inputs(model, attn.to(device)), use_cache=False)
                 continue
             texts = [items[i][0] for i in batch]
             if cfg.chat_template:  # each plain text as the user turn (NPTI's search prompts); the template adds the specials
                 texts = [fmt.prompt(tokenizer, t) for t in texts]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length,
+            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=limit,
                             add_special_tokens=not cfg.chat_template)
             ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            full = [t for t, n in zip(texts, attn.sum(1).tolist()) if n == limit]  # cut, or exactly the limit long
+            if full:
+                truncated += sum(len(x) > limit for x in tokenizer(full, add_special_tokens=not cfg.chat_template)["input_ids"])
             if cfg.token_scope == "prompt":
                 collector.valid = attn.to(torch.bool)
-                model(input_ids=ids, attention_mask=attn, use_cache=False)
+                model(input_ids=ids, **padded_inputs(model, attn), use_cache=False)
             else:
                 _forward_with_generation(model, tokenizer, collector, ids, attn, cfg)
     finally:
@@ -328,6 +347,11 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
         tokenizer.padding_side = padding_side
         if pad_added:
             tokenizer.pad_token = None
+    if truncated:
+        warnings.warn(f"calibrate: {truncated} of {len(items)} texts were longer than {limit} tokens and were cut to "
+                      f"their {'last' if pairs else 'first'} {limit} (max_length={cfg.max_length}, the model admits "
+                      f"{max_positions(model)} positions{', minus the new tokens' if cfg.token_scope != 'prompt' else ''})",
+                      stacklevel=2)
     missing = [s.name for s in sites if s.name not in collector.stats]
     if missing:
         raise RuntimeError(f"{len(missing)} site(s) were never called during the forward pass (first: {missing[:3]})")

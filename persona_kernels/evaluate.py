@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -321,6 +322,25 @@ def _item_sequences(tokenizer, items: Sequence[MCItem], scoring: str, prompt: Pr
     return seqs, len_a, len_b
 
 
+def _fit_positions(pairs: list, limit: Optional[int]) -> list:
+    """Items longer than the model's positions lose the start of their prompt (both sides alike,
+    so they still share it), with a warning; an answer that alone does not fit is an error."""
+    if limit is None:
+        return pairs
+    out, cut = [], 0
+    for i, (a, b, start) in enumerate(pairs):
+        over = max(len(a), len(b)) - limit
+        if over > 0:
+            if start - over < 1:
+                raise ValueError(f"item {i}: its answers alone are longer than the {limit} positions the model admits")
+            a, b, start, cut = a[over:], b[over:], start - over, cut + 1
+        out.append((a, b, start))
+    if cut:
+        warnings.warn(f"evaluate_mc: {cut} items were longer than the {limit} positions the model admits; "
+                      "the start of their prompt was cut", stacklevel=3)
+    return out
+
+
 def evaluate_mc(model: nn.Module, tokenizer, items: Sequence[MCItem], batch_size: int = 8, scoring: str = "mean",
                 prompt: Optional[PromptFormat] = None, persona_system: str = PERSONA_CODE_SYSTEM,
                 progress: bool = False) -> MCResult:
@@ -337,7 +357,7 @@ def evaluate_mc(model: nn.Module, tokenizer, items: Sequence[MCItem], batch_size
     seqs, len_a, len_b = _item_sequences(tokenizer, items, scoring, prompt or _PLAIN, persona_system)
     n = len(items)
     # both answers of an item share its prompt: one prefix forward, two continuations from its KV cache
-    pairs = [(a, b, start) for (a, start), (b, _) in zip(seqs[:n], seqs[n:])]
+    pairs = _fit_positions([(a, b, start) for (a, start), (b, _) in zip(seqs[:n], seqs[n:])], hf.max_positions(model))
     la, lb = pair_scores(model, tokenizer, pairs, batch_size, "sum" if scoring == "sum" else "mean", progress,
                          desc=f"A/B ({scoring})")
     choices = ["A" if a >= b else "B" for a, b in zip(la.tolist(), lb.tolist())]
@@ -349,6 +369,7 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: in
     """exp(mean token negative log-likelihood) over ``texts`` (each with the tokenizer's specials)."""
     if not texts:
         raise ValueError("no texts for perplexity")
+    max_length = min(max_length, hf.max_positions(model) or max_length)
     seqs = [(tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"], 1) for t in texts]
     seqs = [s for s in seqs if len(s[0]) > 1]
     sums, counts = sequence_scores(model, tokenizer, seqs, batch_size, "sum")

@@ -165,6 +165,27 @@ def cache_kwargs(model: nn.Module, cache) -> dict:
     return {"cache" if "cache" in forward_params(model) else "past_key_values": cache}
 
 
+def padded_inputs(model: nn.Module, attention_mask: torch.Tensor) -> dict:
+    """attention_mask plus position ids counted over real tokens only, so that a padded row (left
+    padding included) sees the positions it would see alone: batch-size invariant statistics on
+    every architecture (GPT-2's learned positions would otherwise shift with the padding).
+    Models whose forward takes no position_ids (ALiBi) get the mask alone."""
+    out = {"attention_mask": attention_mask}
+    if "position_ids" in forward_params(model):
+        out["position_ids"] = (attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)
+    return out
+
+
+def max_positions(model: nn.Module) -> Optional[int]:
+    """The longest sequence the model's config admits (max_position_embeddings / n_positions), or None."""
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def output_cache(out):
     """The KV cache of a forward's output, under either name."""
     cache = getattr(out, "cache", None)
@@ -206,6 +227,6 @@ class LayerFilter:
 
 
 __all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture", "activation_attr",
-           "cache_kwargs", "check_supported", "decoder_layers", "forward_params", "output_cache",
+           "cache_kwargs", "check_supported", "decoder_layers", "forward_params", "max_positions", "output_cache", "padded_inputs",
            "gated_mlps", "hidden_size", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear",
            "layer_index", "linear_layers", "linear_shape", "linear_weight", "output_head", "set_module", "unwrap"]

@@ -24,6 +24,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .hf import max_positions, padded_inputs
 from .io import atomic_write, atomic_write_text
 
 METRIC_SPACES = ("full", "pca")
@@ -175,15 +176,14 @@ def last_token_states(model, tokenizer, statements_by_persona: Mapping[str, Sequ
 def _batch_states(model, tokenizer, texts: list[str], cfg: LocalizeConfig, add_special: bool,
                   device) -> torch.Tensor:
     """[num_hidden_states, len(texts), hidden] float32 CPU states of one batch's last real tokens."""
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length,
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                    max_length=min(cfg.max_length, max_positions(model) or cfg.max_length),
                     add_special_tokens=add_special)
     ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     if not bool((attn.sum(1) > 0).all()):
         raise ValueError("a statement tokenised to no tokens at all")
     # positions count real tokens only, so a left-padded row sees the same positions as alone
-    position_ids = (attn.to(torch.int64).cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, output_hidden_states=True,
-                use_cache=False)
+    out = model(input_ids=ids, **padded_inputs(model, attn), output_hidden_states=True, use_cache=False)
     rows = torch.arange(ids.shape[0], device=device)
     last = _last_real_index(attn)
     return torch.stack([h[rows, last] for h in out.hidden_states]).float().cpu()

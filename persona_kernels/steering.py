@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .calibrate import CalibrationResult
 from .fingerprint import check_fingerprint
-from .hf import decoder_layers, layer_index
+from .hf import decoder_layers, layer_index, max_positions, padded_inputs
 from .io import load_artifact, save_artifact
 from .prompts import PromptFormat
 
@@ -156,12 +156,15 @@ def text_projections(model: nn.Module, tokenizer, texts: Sequence, vectors: Stee
     fmt = prompt or PromptFormat()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    limit = max_positions(model) or 1 << 62
     rows = []
     try:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
             encoded = [fmt.encode(tokenizer, *t) if isinstance(t, tuple) else
                        (tokenizer(t, add_special_tokens=True)["input_ids"], 0) for t in chunk]
+            # over-long texts keep their last tokens (the answer), as many as the model has positions for
+            encoded = [(ids[-limit:], max(0, n_prompt - max(0, len(ids) - limit))) for ids, n_prompt in encoded]
             L = max(len(ids) for ids, _ in encoded)
             ids = torch.full((len(chunk), L), pad, dtype=torch.long)
             attn = torch.zeros(len(chunk), L, dtype=torch.long)
@@ -169,7 +172,7 @@ def text_projections(model: nn.Module, tokenizer, texts: Sequence, vectors: Stee
             for r, (t, n_prompt) in enumerate(encoded):
                 ids[r, :len(t)], attn[r, :len(t)] = torch.tensor(t), 1
                 scope[r, n_prompt:len(t)] = True
-            model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+            model(input_ids=ids.to(device), **padded_inputs(model, attn.to(device)), use_cache=False)
             proj = project({n: captured[n] for n in names}, vectors, persona)
             w = scope.to(torch.float32)
             rows.append(torch.stack([(proj[vectors.layers[n]].cpu() * w).sum(1) / w.sum(1).clamp_min(1) for n in names], 1))
