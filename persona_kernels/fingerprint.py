@@ -93,4 +93,4 @@ def check_fingerprint(model: nn.Module, expected: str, what: str) -> None:
         if a.shape != b.shape or not torch.allclose(a, b, rtol=_REL_TOL, atol=_ABS_TOL):
             raise FingerprintMismatch(
                 f"{what} was made for a model of the same architecture but other weights (a sample of the linear "
-                f"weights differs): another checkpoint, or weights edited after the {what} was made")
+                f"weights differs): another checkpoint, or weights edited after {what} was made")

@@ -14,6 +14,7 @@ objects (and the state_dict) that were there, and persona ``None`` runs them dir
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -128,6 +129,18 @@ class MaskedLinear(_OriginalKeys):
         self._handle, self._fmt, self._kind, self._backend = handle, fmt, kind, backend
         self._maybe_cached: set = set()  # per-persona formats whose dense cache may be alive
         self._bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
+        self._weight_version = base.weight._version  # the formats hold copies: later in-place edits are caught
+
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) gets fresh weight tensors with new version counters: carry
+        # whether the weights were already edited, not the counter
+        state = super().__getstate__()
+        state["_weight_version"] = self.base.weight._version == self._weight_version
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._weight_version = self.base.weight._version if state["_weight_version"] is True else -1
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self._kind}, "
@@ -167,6 +180,10 @@ class MaskedLinear(_OriginalKeys):
         h = self._handle
         if h.batch is None and h.current is None:
             return self.base(x)
+        if not torch.compiler.is_compiling() and self.base.weight._version != self._weight_version:
+            raise PersonaError("the weight of a masked layer was modified in place after apply() (load_state_dict, an "
+                               "optimizer step, ...): its persona formats hold the old values. Call remove() and apply() "
+                               "again to use the new weights")
         dev = self.base.weight.device
         x2 = x.to(dev).reshape(-1, self.in_features)
         if h.batch is not None:
@@ -282,8 +299,8 @@ class InducedActivation(_OriginalKeys):
             self._deactivate, self._index, self._push = (t.to(x.device) for t in (self._deactivate, self._index, self._push))
         add = induction_add(self._index, self._push, self._neurons, self._keep_prob, None if compiling else self._generator)
         if self.fused:
-            return induce_neurons(x, self._deactivate, add, backend=self._backend, act=self.fused)
-        return induce_neurons(self.base(x), self._deactivate, add, backend=self._backend)
+            return induce_neurons(x, self._deactivate, add, backend=self._backend, act=self.fused, validate=False)
+        return induce_neurons(self.base(x), self._deactivate, add, backend=self._backend, validate=False)
 
 
 def _resolve_format(fmt: str) -> str:
@@ -481,12 +498,32 @@ def remove(model: nn.Module) -> None:
     h = _handle(model)
     for hook in h.steering.values():
         hook.remove()
+    replaced = []
     for name, base in h.swapped.items():
-        set_module(model, name, base)
+        if _ours(model, name, base):
+            set_module(model, name, base)
+        else:  # the user put another module there: keep it, never overwrite it with the original
+            replaced.append(name)
     for mlp_name, act in h.neurons.items():
         mlp = model.get_submodule(mlp_name)
-        setattr(mlp, activation_attr(mlp), act)
+        attr = activation_attr(mlp)
+        if _ours(model, f"{mlp_name}.{attr}", act):
+            setattr(mlp, attr, act)
+        else:
+            replaced.append(f"{mlp_name}.{attr}")
     delattr(model, _ATTR)
+    if replaced:
+        warnings.warn(f"remove(): {len(replaced)} persona layer(s) had been replaced by other modules since apply() "
+                      f"(first: {replaced[0]}); those modules were kept, not the originals", stacklevel=2)
+
+
+def _ours(model: nn.Module, name: str, original: nn.Module) -> bool:
+    """The module at ``name`` is still the persona wrapper around ``original``."""
+    try:
+        current = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return bool(getattr(current, "_pk_wrapper", False)) and current.base is original
 
 
 def set_persona(model: nn.Module, name: Optional[str]) -> None:

@@ -156,6 +156,8 @@ def induction_plan(target: NeuronSet, opposite: Optional[NeuronSet], site: str, 
     if mode == "package":
         deactivate[idx] = False
     push = push_strength(diff, p95, strength).float()
+    if not bool(torch.isfinite(push).all()):  # checked once here: the per-step op skips the check
+        raise ValueError(f"{site}: the neuron set's push (p95, diff) holds NaN or Inf values (an edited or corrupt file?)")
     return deactivate.to(device), idx.to(device), push.to(device)
 
 

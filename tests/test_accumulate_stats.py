@@ -175,6 +175,26 @@ def test_nonfinite_rejected_and_state_unchanged(backend):
     pk.accumulate_stats(y, state, valid=v, segment_ids=seg, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_activations_are_refused_alike_by_every_backend(backend):
+    """|x| up to 1e15 is accepted (and agrees with the oracle), beyond it every backend refuses,
+    padding included in neither: no backend's float32 sum of squares may overflow silently."""
+    x, valid, seg = _inputs((3, 40, 12), torch.float32, 2, seed=4)
+    v = valid.clone()
+    v[1, 3] = True
+    y = x.clone()
+    y[1, 3, 5] = 9e14
+    state = pk.accumulate_stats(y, valid=v, segment_ids=seg, config=StatsConfig(num_personas=2), backend=backend)
+    want = oracle(y, v, seg, 2, None)
+    torch.testing.assert_close(state.absmax[int(seg[1]), 5], torch.tensor(want["absmax"][int(seg[1]), 5], dtype=torch.float64))
+    for big in (2e15, 1e19, 3e38):
+        y[1, 3, 5] = big
+        with pytest.raises(NonFiniteActivationError, match="beyond"):
+            pk.accumulate_stats(y, valid=v, segment_ids=seg, config=StatsConfig(num_personas=2), backend=backend)
+    v[1, 3] = False  # under padding it is ignored
+    pk.accumulate_stats(y, valid=v, segment_ids=seg, config=StatsConfig(num_personas=2), backend=backend)
+
+
 def test_bad_inputs_give_clear_errors():
     state = StatsState.empty(8, StatsConfig(num_personas=2))
     with pytest.raises(ValueError, match="channels"):

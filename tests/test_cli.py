@@ -101,9 +101,11 @@ def test_device_auto_loads_with_a_device_map(model_dir, texts, tmp_path, capsys)
     assert "--- 'Hi'" in capsys.readouterr().out
 
 
-def test_missing_model_dir(capsys):
+def test_missing_model_dir(capsys, tmp_path):
     assert main(["calibrate", "--model", "/no/such/model-dir"]) == 2
     assert "cannot load model" in capsys.readouterr().err
+    code, err = _run_cli("calibrate", "--model", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert code == 2 and "without config.json" in err and "Traceback" not in err
 
 
 def test_help_lists_every_command(capsys):

@@ -247,3 +247,26 @@ def test_mixed_persona_batches_take_the_kernel_at_any_size():
     y = masked_linear(x, fmt, persona=persona)
     want = torch.einsum("bi,boi->bo", x.double(), (w.double() * masks.double())[persona])
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter runs on the CPU only")
+def test_bfloat16_is_refused_by_the_triton_interpreter():
+    """The interpreter has no bf16 arithmetic (w=[[0.5]], x=[[1],[2]] gave ~2.6e8): a clear error
+    instead of garbage, for every op with a Triton kernel."""
+    import math
+
+    from persona_kernels import BackendUnavailable, StatsConfig, accumulate_stats, induce_neurons
+    from persona_kernels.backends import triton_interpreter
+
+    if not triton_interpreter():
+        pytest.skip("TRITON_INTERPRET is not set")
+    fmt = BitmapWeight.from_dense(torch.tensor([[0.5]]).bfloat16(), torch.ones(1, 1, dtype=torch.bool))
+    with pytest.raises(BackendUnavailable, match="no bfloat16 arithmetic"):
+        masked_linear(torch.tensor([[1.0], [2.0]]).bfloat16(), fmt, backend="triton")
+    with pytest.raises(BackendUnavailable, match="no bfloat16"):
+        accumulate_stats(torch.randn(2, 3, 4).bfloat16(), config=StatsConfig(), backend="triton")
+    with pytest.raises(BackendUnavailable, match="no bfloat16"):
+        induce_neurons(torch.randn(2, 4).bfloat16(), torch.zeros(4, dtype=torch.bool), torch.zeros(4), backend="triton")
+    y = masked_linear(torch.tensor([[1.0], [2.0]]), BitmapWeight.from_dense(torch.tensor([[0.5]]), torch.ones(1, 1, dtype=torch.bool)),
+                      backend="triton")
+    assert torch.allclose(y, torch.tensor([[0.5], [1.0]])) and not math.isnan(float(y.sum()))

@@ -367,3 +367,20 @@ def test_layer_sets_and_per_layer_sparsity(llama_calib):
         assert (mixed.mask("introvert", layer).sum(1) == int(mixed.shapes[layer][1] * keep)).all()
     with pytest.raises(ValueError, match="sparsity"):
         build_masks(model, calib, layer_sparsity={0: 1.5})
+
+
+def test_a_nan_weight_is_named_when_building_masks():
+    """A NaN in the last down_proj passes calibration (nothing calibrated reads its output) and
+    must be named by build_masks, with the model and statistics unchanged."""
+    from persona_kernels.calibrate import calibrate
+    from persona_kernels.testing import char_tokenizer, tiny_causal_lm
+
+    model, tok = tiny_causal_lm("llama", seed=0), char_tokenizer()
+    calib = calibrate(model, tok, {"a": ["hello there", "x y z"], "b": ["quiet", "home"]}, progress=False)
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[3, 5] = float("nan")
+    from persona_kernels.fingerprint import model_fingerprint
+
+    calib.fingerprint = model_fingerprint(model)  # a NaN the digest's samples may miss
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: its weight holds NaN"):
+        build_masks(model, calib)

@@ -357,3 +357,45 @@ def test_apply_filter_fn_keeps_only_chosen_layers():
     with pytest.raises(pm.PersonaError, match="kept none"):
         pm.apply(model, store, filter_fn=lambda m, n: False)
     assert not pm.is_applied(model)
+
+
+def test_weights_edited_after_apply_are_an_error_not_ignored():
+    model, tok, calib, store = _setup("llama")
+    pm.apply(model, store, persona="extravert")
+    name = store.layers[0]
+    with torch.no_grad():
+        model.get_submodule(name).base.weight.mul_(2.0)
+    edited = model.get_submodule(name).base.weight.detach().clone()
+    with pytest.raises(pm.PersonaError, match="modified in place after apply"):
+        _logits(model, tok)
+    pm.set_persona(model, None)
+    _logits(model, tok)  # the dense model reads the weights as they are
+    pm.remove(model)
+    assert torch.equal(model.get_submodule(name).weight, edited)  # the edit is kept by remove()
+    with pytest.raises(FingerprintMismatch, match="other weights"):  # and the old masks no longer fit
+        pm.apply(model, store, persona="extravert")
+
+
+def test_remove_keeps_a_module_the_user_put_in_place_of_a_persona_layer():
+    model, tok, calib, store = _setup("qwen2")
+    pm.apply(model, store, persona="introvert")
+    name = store.layers[1]
+    mine = torch.nn.Linear(*reversed(model.get_submodule(name).base.weight.shape), bias=False)
+    from persona_kernels.hf import set_module
+
+    set_module(model, name, mine)
+    with pytest.warns(UserWarning, match="replaced by other modules"):
+        pm.remove(model)
+    assert model.get_submodule(name) is mine
+    assert not any(getattr(m, "_pk_wrapper", False) for m in model.modules())
+
+
+def test_a_copy_of_an_applied_model_keeps_the_edit_check():
+    model, tok, calib, store = _setup("llama")
+    pm.apply(model, store, persona="extravert")
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(_logits(twin, tok), _logits(model, tok))  # a copy is not an edit
+    with torch.no_grad():
+        model.get_submodule(store.layers[0]).base.weight.add_(1.0)
+    with pytest.raises(pm.PersonaError, match="modified in place"):
+        _logits(copy.deepcopy(model), tok)  # nor does a copy hide one

@@ -156,6 +156,15 @@ def test_induce_op_bad_input():
         induce_neurons(a.double(), torch.zeros(8, dtype=torch.bool), torch.zeros(8))
     with pytest.raises(ValueError, match="act must be"):
         induce_neurons(a, torch.zeros(8, dtype=torch.bool), torch.zeros(8), act="relu")
+    with pytest.raises(TypeError, match="deactivate must be a tensor"):
+        induce_neurons(a, [False] * 8, torch.zeros(8))
+    with pytest.raises(TypeError, match="add must be a tensor"):
+        induce_neurons(a, torch.zeros(8, dtype=torch.bool), [0.0] * 8)
+    for bad in (math.nan, math.inf):
+        add = torch.zeros(8)
+        add[3] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            induce_neurons(a, torch.zeros(8, dtype=torch.bool), add)
 
 
 def test_npti_reference_edges_are_the_released_ones():

@@ -58,6 +58,9 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
             raise ValueError(f"{path}: no such .gguf file")
         model, tok = _load_gguf(path, dt)
         return model.to("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device).eval(), tok
+    if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
+        raise ValueError(f"{spec} is a directory without config.json, not a transformers model directory "
+                         "(save_pretrained writes config.json, the weights and the tokenizer files)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     split = {}

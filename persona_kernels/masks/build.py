@@ -142,6 +142,9 @@ def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[S
     for layer in _layers(model, calib, cfg):
         st = calib.stats[layer]
         w = linear_weight(modules[layer])
+        if not bool(torch.isfinite(w).all()):  # else the top-k fails later without naming the layer
+            raise ValueError(f"{layer}: its weight holds NaN or Inf values; no mask can be scored from it (a broken "
+                             "checkpoint, or weights edited after loading)")
         sparsity = (cfg.layer_sparsity or {}).get(calib.sites[layer].layer, cfg.sparsity)
         sel = dict(sparsity=sparsity, granularity=cfg.granularity, n=cfg.n, m=cfg.m, backend=cfg.backend)
         if cfg.method == "wanda":

@@ -115,10 +115,10 @@ def preference(device: torch.device) -> tuple[str, ...]:
 # modules and reads the environment, which Dynamo cannot trace)
 @torch.compiler.assume_constant_result
 def resolve(op: str, backend: str, device: torch.device, fmt: Optional[str] = None,
-            order: Optional[tuple[str, ...]] = None) -> str:
+            order: Optional[tuple[str, ...]] = None, dtype: Optional[torch.dtype] = None) -> str:
     """The backend that runs ``op`` here. 'auto' (or PERSONA_KERNELS_BACKEND) takes the first of
     ``order`` (default: the device's preference) with a kernel; the reference otherwise, recorded
-    in FALLBACKS. An explicit name must have a kernel that runs on ``device``."""
+    in FALLBACKS. An explicit name must have a kernel that runs on ``device`` for ``dtype``."""
     if backend == "auto":
         backend = os.environ.get("PERSONA_KERNELS_BACKEND", "auto")
     if backend == "auto":
@@ -135,6 +135,10 @@ def resolve(op: str, backend: str, device: torch.device, fmt: Optional[str] = No
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_MODULES} or 'auto'")
     if backend not in ("reference", "torch") and not backends.available(backend, device):
         raise BackendUnavailable(f"backend {backend!r} cannot run on {device}: {backends.describe(backend, device)}")
+    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+        # the interpreter computes bf16 as garbage (numpy has no bfloat16): refuse, never a wrong number
+        raise BackendUnavailable("the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16 arithmetic; bf16 Triton "
+                                 "kernels run on a GPU. On the CPU use backend='cpp' or 'reference', or float32/float16")
     kernel(op, backend, fmt)  # raises with the reason when there is no such kernel
     return backend
 

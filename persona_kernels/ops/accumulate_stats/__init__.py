@@ -13,7 +13,7 @@ import torch
 
 from ...stats import StatsConfig, StatsState
 from .. import registry
-from .partials import nonfinite_channels, reduce_partials, valid_counts
+from .partials import MAX_ABS_ACTIVATION, nonfinite_channels, reduce_partials, valid_counts
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # StatsState fields in the order the torch.library op returns them (then hist, with edges)
@@ -31,8 +31,8 @@ def accumulate_delta(x3: torch.Tensor, valid3: torch.Tensor, seg: torch.Tensor, 
     bad = nonfinite_channels(part)
     if bad.numel():
         raise NonFiniteActivationError(
-            f"activation contains NaN or Inf in {bad.numel()} channel(s) (first: {bad[:8].tolist()}), or values "
-            "whose squares overflow float32 (|x| > 1.8e19); nothing was accumulated")
+            f"activation contains NaN or Inf in {bad.numel()} channel(s) (first: {bad[:8].tolist()}), or values beyond "
+            f"|x| = {MAX_ABS_ACTIVATION:g}, the largest every backend can square and sum; nothing was accumulated")
     n = valid_counts(part.chunks, valid3.reshape(-1))
     return reduce_partials(part, n, x3.shape[0], num_personas, edges)
 
@@ -87,7 +87,9 @@ def accumulate_stats(x: torch.Tensor, state: Optional[StatsState] = None, *, val
     config:      StatsConfig for a new state (ignored when ``state`` is given).
     backend:     'auto' (default), 'reference', 'triton', 'cpp' or 'cuda'.
 
-    NaN/Inf among valid tokens raise NonFiniteActivationError and leave ``state`` unchanged:
+    NaN/Inf among valid tokens, and |x| > 1e15 (MAX_ABS_ACTIVATION: beyond it a float32 sum of
+    squares could overflow, so every backend refuses alike), raise NonFiniteActivationError and
+    leave ``state`` unchanged:
     non-finite activations are a bug upstream, and silently skipping them would bias every
     statistic. The state is only modified after the whole call succeeded.
     """
@@ -105,7 +107,7 @@ def accumulate_stats(x: torch.Tensor, state: Optional[StatsState] = None, *, val
     B, T, C = x3.shape
     if B == 0 or T == 0:
         return state
-    name = registry.resolve("accumulate_stats", backend, x3.device)
+    name = registry.resolve("accumulate_stats", backend, x3.device, dtype=x3.dtype)
     if torch.compiler.is_compiling():
         out = torch.ops.persona_kernels.accumulate_stats(x3, valid3, seg, state.edges, state.num_personas, name)
         delta = StatsState(**dict(zip(DELTA_FIELDS, out)), hist=out[len(DELTA_FIELDS)] if state.edges is not None else None,

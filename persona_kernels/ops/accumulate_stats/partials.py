@@ -67,9 +67,15 @@ def valid_counts(chunks: Chunks, row_valid: torch.Tensor) -> torch.Tensor:
     return cs[chunks.start + chunks.length] - cs[chunks.start]
 
 
+# Largest |activation| accepted. The backends accumulate squares in float32 (C++, Triton, CUDA)
+# or float64 (reference); below this bound no backend's sum of squares can overflow, above it
+# every backend refuses, so they agree. Real activations stay far below (bf16 LLMs: ~1e4).
+MAX_ABS_ACTIVATION = 1e15
+
+
 def nonfinite_channels(p: Partials) -> torch.Tensor:
-    """Channels whose partial sums are not finite: a NaN or +-Inf input poisons its chunk's sum."""
-    bad = ~torch.isfinite(p.sum) | ~torch.isfinite(p.sumsq)
+    """Channels with a NaN or Inf input (it poisons its chunk's sums) or an |x| above MAX_ABS_ACTIVATION."""
+    bad = ~torch.isfinite(p.sum) | ~torch.isfinite(p.sumsq) | (p.absmax > MAX_ABS_ACTIVATION)
     return bad.any(0).nonzero().flatten()
 
 

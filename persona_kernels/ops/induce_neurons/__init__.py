@@ -28,6 +28,9 @@ def _check(a, deactivate, add, act):
     if a.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"induce_neurons supports float32, float16 and bfloat16, got {a.dtype}")
     I = a.shape[-1]
+    for name, t in (("deactivate", deactivate), ("add", add)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor of shape ({I},), got {type(t).__name__}")
     if deactivate.shape != (I,) or deactivate.dtype != torch.bool:
         raise ValueError(f"deactivate must be a bool tensor of shape ({I},), got {deactivate.dtype} {tuple(deactivate.shape)}")
     if add.shape != (I,) or add.dtype != torch.float32:
@@ -38,14 +41,19 @@ def _check(a, deactivate, add, act):
 
 
 def induce_neurons(a: torch.Tensor, deactivate: torch.Tensor, add: torch.Tensor, backend: str = "auto",
-                   act: Optional[str] = None) -> torch.Tensor:
+                   act: Optional[str] = None, validate: bool = True) -> torch.Tensor:
     """out = (deactivate ? min(f(a), 0) : f(a)) + add over the last dim of ``a``, in a's dtype.
 
     ``backend``: 'auto', 'reference', 'triton' or 'cpp'. Under torch.compile the call goes
     through the torch.library op ``persona_kernels::induce_neurons`` (ops/library.py).
+    ``validate``: also refuse a non-finite ``add`` (a NaN would spread to every output row; on a
+    GPU the check waits for the device). The persona layer checks its push vectors once when
+    applied and passes False on its per-step calls.
     """
     _check(a, deactivate, add, act)
-    name = registry.resolve("induce_neurons", backend, a.device)
+    if validate and not torch.compiler.is_compiling() and not bool(torch.isfinite(add).all()):
+        raise ValueError("add holds NaN or Inf values; they would spread to every output row")
+    name = registry.resolve("induce_neurons", backend, a.device, dtype=a.dtype)
     if a.numel() == 0:
         name = "reference"
     if torch.compiler.is_compiling():

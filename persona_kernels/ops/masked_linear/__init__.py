@@ -111,7 +111,7 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
     if backend == "auto":
         name = choose(weight, x2, mixed=prow is not None and isinstance(persona, torch.Tensor))
     else:
-        name = registry.resolve("masked_linear", backend, x.device, weight.kind)
+        name = registry.resolve("masked_linear", backend, x.device, weight.kind, dtype=x.dtype)
     if torch.compiler.is_compiling() and weight.kind != "semi24":
         tensors, ints = weight.op_args()
         y = torch.ops.persona_kernels.masked_linear(x2, weight.kind, tensors, ints, bias, prow, name)
