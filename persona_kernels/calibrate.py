@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 from .fingerprint import architecture, check_fingerprint, model_fingerprint
-from .hf import max_positions, padded_inputs
+from .hf import max_positions, padded_inputs, set_module
 from .io import load_artifact, save_artifact
+from .moe import ACT, experts_forward, slot_weight
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
 from .prompts import PromptFormat
 from .sites import KINDS, Site, check_supported, discover_sites
@@ -175,8 +176,35 @@ def _check_texts(texts_by_persona: Mapping[str, Sequence[str]]) -> list[tuple[st
     return items
 
 
+class _ExpertsObserver(nn.Module):
+    """Stands in for a fused-experts module during calibration: the same computation
+    (moe.experts_forward), with each routed expert's projection inputs and activation fed to the
+    collector as its own sites."""
+
+    def __init__(self, base: nn.Module, collector: "_Collector", sites: dict):
+        super().__init__()
+        self.base, self._collector, self._sites = base, collector, sites  # slot name -> Site
+
+    def _project(self, param, e, x, tok):
+        site = self._sites.get(f"{self._name}.{param}.{e}")
+        if site is not None and self._collector.enabled:
+            self._collector.collect_rows(site, x, tok)
+        return nn.functional.linear(x, slot_weight(self.base, param, e))
+
+    def _activate(self, e, gate, tok):
+        a = self.base.act_fn(gate)
+        site = self._sites.get(f"{self._name}.{ACT}.{e}")
+        if site is not None and self._collector.enabled:
+            self._collector.collect_rows(site, a, tok)
+        return a
+
+    def forward(self, *args, **kwargs):
+        return experts_forward(self.base, args, kwargs, self._project, self._activate)
+
+
 class _Collector:
-    """Forward hooks that feed each site's activation into its StatsState."""
+    """Forward hooks that feed each site's activation into its StatsState (and, for routed
+    experts, observers swapped in for the fused-experts modules until remove())."""
 
     def __init__(self, model: nn.Module, sites: list[Site], num_personas: int, cfg: CalibrationConfig):
         self.sites, self.cfg, self.P = sites, cfg, num_personas
@@ -185,13 +213,25 @@ class _Collector:
         self.segments: Optional[torch.Tensor] = None
         self.enabled = True
         self.handles = []
+        self.model, self.swapped = model, {}
         modules = dict(model.named_modules())
         for s in sites:
+            if s.expert is not None:
+                continue
             mod = modules[s.module]
             if s.kind == "linear":
                 self.handles.append(mod.register_forward_pre_hook(self._hook(s, from_output=False)))
             else:
                 self.handles.append(mod.register_forward_hook(self._hook(s, from_output=True)))
+        by_module: dict = {}
+        for s in sites:
+            if s.expert is not None:
+                by_module.setdefault(s.module, {})[s.name] = s
+        for name, slots in by_module.items():
+            observer = _ExpertsObserver(modules[name], self, slots)
+            observer._name = name
+            self.swapped[name] = modules[name]
+            set_module(model, name, observer)
 
     def _hook(self, site: Site, from_output: bool):
         def hook(module, args, *rest):
@@ -205,15 +245,37 @@ class _Collector:
         if x.shape[:-1] != (B, T):
             if x.ndim == 2 and x.shape[0] == B * T:
                 x = x.view(B, T, -1)
+            elif x.ndim > 3 and x.shape[0] == B and x.shape[-2] == T and all(d == 1 for d in x.shape[1:-2]):
+                x = x.reshape(B, T, -1)  # e.g. DeepSeek's kv_b_proj sees [B, 1, T, C]
             else:
                 raise RuntimeError(f"site {site.name}: activation of shape {tuple(x.shape)} does not match the batch ({B}, {T})")
+        self._accumulate(site, x, self.valid.to(x.device))
+
+    def collect_rows(self, site: Site, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Rows [n, C] of the flattened [B*T] batch (a routed expert's tokens): packed per sample,
+        left-aligned, so that per-sample norms see each sample's routed tokens only."""
+        B, T = self.valid.shape
+        keep = self.valid.reshape(-1).to(tokens.device)[tokens]
+        rows, tokens = rows[keep], tokens[keep]
+        order = torch.argsort(tokens)
+        sample = torch.div(tokens[order], T, rounding_mode="floor")
+        counts = torch.bincount(sample, minlength=B)
+        slot = torch.arange(sample.numel(), device=sample.device) - (counts.cumsum(0) - counts)[sample]
+        width = max(1, int(counts.max())) if sample.numel() else 1
+        packed = rows.new_zeros(B, width, rows.shape[-1])
+        valid = torch.zeros(B, width, dtype=torch.bool, device=rows.device)
+        packed[sample, slot] = rows[order]
+        valid[sample, slot] = True
+        self._accumulate(site, packed, valid)
+
+    def _accumulate(self, site: Site, x: torch.Tensor, valid: torch.Tensor) -> None:
         state = self.stats.get(site.name)
         if state is None:
             hist = site.kind in self.cfg.histogram_kinds
             cfg = StatsConfig(self.P, histogram=hist, edges=self.cfg.edges if hist else None)
             state = self.stats[site.name] = StatsState.empty(x.shape[-1], cfg, device=x.device)
         try:
-            accumulate_stats(x.detach(), state, valid=self.valid.to(x.device), segment_ids=self.segments.to(x.device),
+            accumulate_stats(x.detach(), state, valid=valid, segment_ids=self.segments.to(x.device),
                              backend=self.cfg.backend)
         except NonFiniteActivationError as exc:
             raise NonFiniteActivationError(f"site {site.name}: {exc}") from exc
@@ -222,6 +284,9 @@ class _Collector:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for name, base in self.swapped.items():
+            set_module(self.model, name, base)
+        self.swapped.clear()
 
 
 def _forward_with_generation(model, tokenizer, collector: _Collector, ids, attn, cfg: CalibrationConfig) -> None:
@@ -352,6 +417,11 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
                       f"their {'last' if pairs else 'first'} {limit} (max_length={cfg.max_length}, the model admits "
                       f"{max_positions(model)} positions{', minus the new tokens' if cfg.token_scope != 'prompt' else ''})",
                       stacklevel=2)
+    for s in sites:  # an expert no calibration token was routed to has statistics of nothing
+        if s.expert is not None and s.name not in collector.stats:
+            hist = s.kind in cfg.histogram_kinds
+            collector.stats[s.name] = StatsState.empty(s.channels, StatsConfig(len(personas), histogram=hist,
+                                                                                 edges=cfg.edges if hist else None), device=device)
     missing = [s.name for s in sites if s.name not in collector.stats]
     if missing:
         raise RuntimeError(f"{len(missing)} site(s) were never called during the forward pass (first: {missing[:3]})")

@@ -22,6 +22,7 @@ import torch.nn as nn
 from .fingerprint import check_fingerprint
 from .hf import is_conv1d, unwrap
 from .masks.store import MaskStore
+from .moe import experts_layout, experts_of, parse_slot
 
 FORMATS = ("hf",)
 
@@ -40,7 +41,7 @@ def _check(model: nn.Module, masks: MaskStore, persona: str) -> None:
     if handle is not None and handle.gamma:
         raise ExportError(f"the soft gate is on (gamma={handle.gamma}): export bakes the hard mask; set_gamma(model, 0) "
                           "first, or keep the persona layer")
-    if handle is not None and handle.neurons:
+    if handle is not None and handle.has_npti:
         raise ExportError("NPTI induction is applied: it edits activations at generation time and has no weight form; "
                           "remove it (persona_kernels.remove) or keep the persona layer")
 
@@ -58,7 +59,18 @@ def baked_state_dict(model: nn.Module, masks: MaskStore, persona: str, tied_embe
     _check(model, masks, persona)
     sd = model.state_dict()
     modules = dict(model.named_modules())
+    cloned: set = set()
     for layer in masks.layers:
+        slot = parse_slot(layer)
+        experts = experts_of(model, slot) if slot is not None else None
+        if experts is not None:  # one routed expert's slice of a fused 3-D parameter
+            key = f"{slot.module}.{slot.param}"
+            if key not in cloned:  # copy once: the state dict shares the model's storage
+                sd[key], _ = sd[key].clone(), cloned.add(key)
+            mask = masks.mask(persona, layer).to(sd[key].device)
+            stacked = experts_layout(experts) == "stacked"
+            sd[key][slot.expert] *= (mask.t() if stacked else mask).to(sd[key].dtype)
+            continue
         emb = _tied_embedding(model, layer)
         if emb is not None and tied_embedding != "mask":
             raise ExportError(f"{layer} is masked and shares its weight with the input embedding {emb}: a tied checkpoint "

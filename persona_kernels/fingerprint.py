@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .hf import linear_shape
+from .moe import EXPERT_PARAMS, expert_modules, expert_slots
 
 
 class FingerprintMismatch(ValueError):
@@ -49,10 +50,10 @@ def _weight_sample(weight) -> Optional[torch.Tensor]:
 def weight_digest(model: nn.Module) -> str:
     """A compact sample of every linear layer's weights (fp16, base64), or '' when some are offloaded."""
     samples = []
-    for name, m in model.named_modules():
-        if linear_shape(m) is None or getattr(m, "_pk_wrapper", False):
-            continue
-        s = _weight_sample(m.weight)
+    weights = [m.weight for m in model.modules() if linear_shape(m) is not None and not getattr(m, "_pk_wrapper", False)]
+    weights += [getattr(m, p) for _, m in expert_modules(model) for p in EXPERT_PARAMS]  # fused 3-D expert weights
+    for w in weights:
+        s = _weight_sample(w)
         if s is None:
             return ""
         samples.append(s)
@@ -72,6 +73,7 @@ def model_fingerprint(model: nn.Module) -> str:
     mods = dict(model.named_modules())
     layers = [(_original_name(mods, name), linear_shape(m)) for name, m in mods.items()
               if linear_shape(m) is not None and not getattr(m, "_pk_wrapper", False)]
+    layers += [list(slot) for slot in expert_slots(model)]
     blob = json.dumps({"arch": architecture(model), "linear": layers}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32] + ":" + weight_digest(model)
 

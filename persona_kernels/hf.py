@@ -91,6 +91,25 @@ def check_supported(model: nn.Module) -> None:
             "whose projections are nn.Linear/Conv1D works, and NPTI also needs a gated MLP (act_fn(gate_proj(x)) * up_proj(x)).")
 
 
+def named_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The [out, in] weight behind a masked layer's name: a linear layer's (see linear_weight), or
+    one routed expert's projection ('<experts>.down_proj.3', a view of the fused parameter)."""
+    from .moe import experts_of, parse_slot, slot_weight
+
+    slot = parse_slot(name)
+    if slot is not None and slot.param != "act_fn":
+        experts = experts_of(model, slot)
+        if experts is not None:
+            return slot_weight(experts, slot.param, slot.expert)
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise KeyError(f"{name!r} is not a linear layer or expert projection of this model") from None
+    if linear_shape(module) is None:
+        raise KeyError(f"{name!r} is not a linear layer or expert projection of this model")
+    return linear_weight(module)
+
+
 # ---- gated MLPs --------------------------------------------------------------------------------
 
 def activation_attr(mlp: nn.Module) -> Optional[str]:
@@ -229,4 +248,4 @@ class LayerFilter:
 __all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture", "activation_attr",
            "cache_kwargs", "check_supported", "decoder_layers", "forward_params", "max_positions", "output_cache", "padded_inputs",
            "gated_mlps", "hidden_size", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear",
-           "layer_index", "linear_layers", "linear_shape", "linear_weight", "output_head", "set_module", "unwrap"]
+           "layer_index", "linear_layers", "linear_shape", "linear_weight", "named_weight", "output_head", "set_module", "unwrap"]

@@ -39,6 +39,16 @@ from .hf import (
     unwrap,
 )
 from .masks.store import MaskStore
+from .moe import (
+    EXPERT_PARAMS,
+    expert_modules,
+    experts_forward,
+    experts_info,
+    experts_layout,
+    experts_of,
+    parse_slot,
+    slot_weight,
+)
 from .npti import INDUCTION_MODES, NeuronSet, induction_add, induction_plan
 from .ops.induce_neurons import ACTIVATIONS, induce_neurons
 from .ops.masked_linear import masked_linear
@@ -64,8 +74,13 @@ class PersonaHandle:
     swapped: dict = field(default_factory=dict)   # module name -> original module
     neurons: dict = field(default_factory=dict)   # mlp name -> original activation module
     steering: dict = field(default_factory=dict)  # decoder-layer name -> forward-hook handle
+    expert_neurons: dict = field(default_factory=dict)  # experts module name -> experts with NPTI induction
     steer_strength: float = 0.0
     format: str = "bitmap"
+
+    @property
+    def has_npti(self) -> bool:
+        return bool(self.neurons or self.expert_neurons)
 
     def index(self, name: Optional[str]) -> Optional[int]:
         if name is None:
@@ -116,38 +131,17 @@ class _OriginalKeys(nn.Module):
         self._register_load_state_dict_pre_hook(add_base)
 
 
-class MaskedLinear(_OriginalKeys):
-    """A persona-masked stand-in for nn.Linear / Conv1D; ``base`` is the untouched original."""
+class _PersonaWeight:
+    """One weight's persona formats: a per-persona list (bitmap / compacted / pre-masked dense
+    copies) or one multi-persona format (shared_bitmask / block); called on x2 [N, in] with a
+    persona index (or an int64 [N] tensor, one per row) it gives the masked product (no bias)."""
 
-    _pk_wrapper = True
-
-    def __init__(self, base: nn.Module, handle: PersonaHandle, fmt, kind: str, backend: str):
-        super().__init__()
-        self.base = base
-        self._register_original_keys()
-        self.out_features, self.in_features = linear_shape(base)
-        self._handle, self._fmt, self._kind, self._backend = handle, fmt, kind, backend
+    def __init__(self, fmt, kind: str, backend: str, out_features: int):
+        self._fmt, self._kind, self._backend, self.out_features = fmt, kind, backend, out_features
         self._maybe_cached: set = set()  # per-persona formats whose dense cache may be alive
-        self._bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
-        self._weight_version = base.weight._version  # the formats hold copies: later in-place edits are caught
-
-    def __getstate__(self):
-        # a copy (deepcopy, pickle) gets fresh weight tensors with new version counters: carry
-        # whether the weights were already edited, not the counter
-        state = super().__getstate__()
-        state["_weight_version"] = self.base.weight._version == self._weight_version
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._weight_version = self.base.weight._version if state["_weight_version"] is True else -1
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self._kind}, "
-                f"personas={len(self._handle.personas)}")
 
     def _one(self, x2: torch.Tensor, p: int, exclusive: bool = True) -> torch.Tensor:
-        """Masked output of persona ``p`` for a per-persona format list (no bias).
+        """Masked output of persona ``p`` for a per-persona format list.
 
         A large batch makes the dispatcher cache persona p's dense masked weight. ``exclusive``
         (one persona per batch) frees the other personas' copies first, so a layer holds one
@@ -163,7 +157,7 @@ class MaskedLinear(_OriginalKeys):
         self._maybe_cached.add(p)
         return masked_linear(x2, f, backend=self._backend)
 
-    def _masked(self, x2: torch.Tensor, persona) -> torch.Tensor:
+    def __call__(self, x2: torch.Tensor, persona) -> torch.Tensor:
         """x2 [N, in]; persona an int (one persona, the decode hot path: no per-call index work)
         or an int64 [N] tensor (mixed batch) -> masked output [N, out] (no bias)."""
         if not isinstance(self._fmt, list):
@@ -175,6 +169,52 @@ class MaskedLinear(_OriginalKeys):
             sel = persona == p
             out[sel] = self._one(x2[sel], p, exclusive=False)
         return out
+
+
+def _row_personas(h: "PersonaHandle", rows: int, device) -> object:
+    """The persona of each of ``rows`` flattened rows: the current index, or in a mixed batch an
+    int64 [rows] tensor (the rows in batch-major order: [B, ..., in] or flattened [B*T, in])."""
+    if h.batch is None:
+        return h.current
+    B = h.batch.numel()
+    if rows % B:
+        raise PersonaError(f"set_batch_personas was given {B} personas but the batch has {rows} rows (not a multiple of {B})")
+    return h.batch.to(device).repeat_interleave(rows // B)
+
+
+class MaskedLinear(_OriginalKeys):
+    """A persona-masked stand-in for nn.Linear / Conv1D; ``base`` is the untouched original."""
+
+    _pk_wrapper = True
+
+    def __init__(self, base: nn.Module, handle: PersonaHandle, fmt, kind: str, backend: str):
+        super().__init__()
+        self.base = base
+        self._register_original_keys()
+        self.out_features, self.in_features = linear_shape(base)
+        self._handle, self._kind = handle, kind
+        self._weight = _PersonaWeight(fmt, kind, backend, self.out_features)
+        self._bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
+        self._weight_version = base.weight._version  # the formats hold copies: later in-place edits are caught
+
+    @property
+    def _fmt(self):
+        return self._weight._fmt
+
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) gets fresh weight tensors with new version counters: carry
+        # whether the weights were already edited, not the counter
+        state = super().__getstate__()
+        state["_weight_version"] = self.base.weight._version == self._weight_version
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._weight_version = self.base.weight._version if state["_weight_version"] is True else -1
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self._kind}, "
+                f"personas={len(self._handle.personas)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._handle
@@ -193,10 +233,7 @@ class MaskedLinear(_OriginalKeys):
             if not ok:
                 raise PersonaError(f"set_batch_personas was given {B} personas but the batch has "
                                    f"{x.shape[0] if x.ndim >= 2 else 1} sequences (or rows not a multiple of {B})")
-            persona = h.batch.to(dev).repeat_interleave(x2.shape[0] // B)
-        else:
-            persona = h.current
-        y = self._masked(x2, persona)
+        y = self._weight(x2, _row_personas(h, x2.shape[0], dev))
         if h.gamma:
             # soft gate G = M + gamma (1 - M): x (W*G)^T = (1 - gamma) x (W*M)^T + gamma x W^T
             dense = torch.nn.functional.linear(x2, linear_weight(self.base))
@@ -263,14 +300,32 @@ def fusable_activation(act: nn.Module) -> Optional[str]:
     return kind if same else None
 
 
+class _Induction:
+    """One activation site's NPTI edit: the fixed plan (deactivated neurons, pushes) built once,
+    the keep draw made per step; fused into the activation when ``act`` is one induce_neurons
+    reproduces. Under torch.compile the draw uses the global RNG (seed it with
+    torch.manual_seed), since a torch.Generator cannot be traced."""
+
+    def __init__(self, act: nn.Module, target: NeuronSet, opposite: Optional[NeuronSet], site: str, neurons: int,
+                 strength: float, keep_prob: float, generator: torch.Generator, backend: str, device, mode: str):
+        self.deactivate, self.index, self.push = induction_plan(target, opposite, site, neurons, strength, device, mode)
+        self.neurons, self.keep_prob, self.generator, self.backend = neurons, keep_prob, generator, backend
+        self.fused = fusable_activation(act)
+
+    def __call__(self, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """act(x) with the edit; ``x`` is the activation's input (the gate projection)."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self.push.device != x.device:  # e.g. a layer moved after apply_neurons
+            self.deactivate, self.index, self.push = (t.to(x.device) for t in (self.deactivate, self.index, self.push))
+        add = induction_add(self.index, self.push, self.neurons, self.keep_prob, None if compiling else self.generator)
+        if self.fused:
+            return induce_neurons(x, self.deactivate, add, backend=self.backend, act=self.fused, validate=False)
+        return induce_neurons(act(x), self.deactivate, add, backend=self.backend, validate=False)
+
+
 class InducedActivation(_OriginalKeys):
     """The MLP's act_fn with NPTI induction fused in: one induce_neurons pass computes
-    act(gate) and the edit together (activations it cannot fuse run first, then the edit).
-
-    The fixed part of the edit (deactivated neurons, pushes) is built once; each step draws
-    which target neurons are kept. Under torch.compile the draw uses the global RNG (seed it
-    with torch.manual_seed), since a torch.Generator cannot be traced.
-    """
+    act(gate) and the edit together (activations it cannot fuse run first, then the edit)."""
 
     _pk_wrapper = True
 
@@ -280,27 +335,95 @@ class InducedActivation(_OriginalKeys):
         super().__init__()
         self.base = base
         self._register_original_keys()
-        self._deactivate, self._index, self._push = induction_plan(target, opposite, site, neurons, strength, device, mode)
+        self._induction = _Induction(base, target, opposite, site, neurons, strength, keep_prob, generator, backend, device,
+                                     mode)
         self.decode_only = mode == "npti-code"  # the released code edits decode steps only
-        self._neurons, self._keep_prob, self._strength, self._aspect = neurons, keep_prob, strength, target.aspect
-        self._generator, self._backend = generator, backend
-        self.fused = fusable_activation(base)
+        self._strength, self._aspect = strength, target.aspect
         self.enabled = True
 
+    @property
+    def fused(self) -> Optional[str]:
+        return self._induction.fused
+
     def extra_repr(self) -> str:
-        return (f"npti target={self._aspect!r}, pushed={self._index.numel()}/{self._neurons}, strength={self._strength}, "
-                f"keep_prob={self._keep_prob}, fused={self.fused or 'no'}")
+        ind = self._induction
+        return (f"npti target={self._aspect!r}, pushed={ind.index.numel()}/{ind.neurons}, strength={self._strength}, "
+                f"keep_prob={ind.keep_prob}, fused={self.fused or 'no'}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or (self.decode_only and x.ndim >= 3 and x.shape[-2] != 1):
             return self.base(x)
-        compiling = torch.compiler.is_compiling()
-        if not compiling and self._push.device != x.device:  # e.g. a layer moved after apply_neurons
-            self._deactivate, self._index, self._push = (t.to(x.device) for t in (self._deactivate, self._index, self._push))
-        add = induction_add(self._index, self._push, self._neurons, self._keep_prob, None if compiling else self._generator)
-        if self.fused:
-            return induce_neurons(x, self._deactivate, add, backend=self._backend, act=self.fused, validate=False)
-        return induce_neurons(self.base(x), self._deactivate, add, backend=self._backend, validate=False)
+        return self._induction(self.base, x)
+
+
+class PersonaExperts(_OriginalKeys):
+    """A fused-experts module (moe.py) under the persona layer: persona masks on its routed
+    experts' projections (one _PersonaWeight per expert projection) and/or NPTI induction on
+    their activations, computed through moe.experts_forward. In a mixed batch each token
+    carries its sequence's persona."""
+
+    _pk_wrapper = True
+
+    def __init__(self, base: nn.Module, handle: PersonaHandle):
+        super().__init__()
+        self.base = base
+        self._register_original_keys()
+        self._handle = handle
+        self.weights: dict = {}      # (param, expert) -> _PersonaWeight
+        self.inductions: dict = {}   # expert -> _Induction
+        self._versions = self._weight_versions()
+
+    def _weight_versions(self) -> tuple:
+        return tuple(getattr(self.base, p)._version for p in EXPERT_PARAMS)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_versions"] = self._weight_versions() == self._versions  # see MaskedLinear.__getstate__
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._versions = self._weight_versions() if state["_versions"] is True else (-1, -1)
+
+    def extra_repr(self) -> str:
+        return f"masked expert projections={len(self.weights)}, induced experts={len(self.inductions)}"
+
+    def forward(self, *args, **kwargs):
+        h = self._handle
+        masked = bool(self.weights) and not (h.batch is None and h.current is None)
+        if not masked and not self.inductions:
+            return self.base(*args, **kwargs)
+        if masked and not torch.compiler.is_compiling() and self._weight_versions() != self._versions:
+            raise PersonaError("the expert weights of a masked layer were modified in place after apply(); its persona "
+                               "formats hold the old values. Call remove() and apply() again")
+        personas = {}
+
+        def project(param, e, x, tok):
+            pw = self.weights.get((param, e)) if masked else None
+            w = slot_weight(self.base, param, e)
+            if pw is None:
+                return torch.nn.functional.linear(x, w)
+            if h.batch is None:
+                persona = h.current
+            else:
+                if "rows" not in personas:  # one persona per token: [N] from the sequences' personas
+                    first = args[0] if args else next(iter(kwargs.values()))
+                    personas["rows"] = _row_personas(h, self._tokens(first), x.device)
+                persona = personas["rows"][tok]
+            y = pw(x, persona)
+            if h.gamma:
+                y = (1 - h.gamma) * y + h.gamma * torch.nn.functional.linear(x, w)
+            return y
+
+        def activate(e, gate, tok):
+            ind = self.inductions.get(e)
+            return self.base.act_fn(gate) if ind is None else ind(self.base.act_fn, gate)
+
+        return experts_forward(self.base, args, kwargs, project, activate)
+
+    def _tokens(self, hidden: torch.Tensor) -> int:
+        """Tokens in the batch: the rows of the routed layout's input, 1/E of the stacked layout's."""
+        return hidden.shape[0] // (self.base.gate_up_proj.shape[0] if experts_layout(self.base) == "stacked" else 1)
 
 
 def _resolve_format(fmt: str) -> str:
@@ -339,7 +462,11 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     if unknown:
         raise PersonaError(f"layers without masks in the store: {unknown[:5]}")
     modules = dict(model.named_modules())
-    not_plain = [n for n in names if n in modules and not is_plain_linear(modules[n])]
+    slots = {n: parse_slot(n) for n in names}
+    slots = {n: sl for n, sl in slots.items() if sl is not None and experts_of(model, sl) is not None}
+    for n, sl in slots.items():  # filter_fn sees an expert projection's experts module
+        modules.setdefault(n, modules[sl.module])
+    not_plain = [n for n in names if n in modules and n not in slots and not is_plain_linear(modules[n])]
     if not_plain:
         raise PersonaError(f"{not_plain[:3]}: not plain linear maps (a subclass of nn.Linear with its own forward, e.g. "
                            "a router returning a tuple); they cannot be swapped. Drop them from the mask store")
@@ -352,14 +479,20 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     handle.current = handle.index(persona)
     built = {}
     for name in names:  # build everything first: a failure leaves the model unchanged
-        base = modules[name]
-        w = linear_weight(base).detach()
+        slot = slots.get(name)
+        base = modules[slot.module] if slot else modules[name]
+        w = (slot_weight(base, slot.param, slot.expert) if slot else linear_weight(base)).detach()
         if w.device.type == "meta":
             raise PersonaError(f"{name}: its weights are offloaded (on the meta device, loaded only at forward time by "
                                "accelerate); persona formats are built from resident weights. Load the model without "
                                "CPU/disk offload: a device_map over GPUs only, or device_map='cpu'")
         stacked = torch.stack([masks.mask(p, name) for p in masks.personas]).to(w.device)
-        built[name] = MaskedLinear(base, handle, _build_format(kind, w, stacked, block), kind, backend)
+        fmt = _build_format(kind, w.contiguous(), stacked, block)
+        if slot:  # one routed expert's projection: a weight of the experts module's wrapper
+            experts = built.setdefault(slot.module, PersonaExperts(base, handle))
+            experts.weights[(slot.param, slot.expert)] = _PersonaWeight(fmt, kind, backend, w.shape[0])
+            continue
+        built[name] = MaskedLinear(base, handle, fmt, kind, backend)
         emb = _tied_embedding(model, name) if tied_embedding == "mask" and is_output_head(model, name, base) else None
         if emb is not None:
             built[emb] = MaskedEmbedding(modules[emb], handle, masks.packed[name].to(w.device))
@@ -383,19 +516,30 @@ def apply_neurons(model: nn.Module, target: NeuronSet, opposite: Optional[Neuron
     if mode not in INDUCTION_MODES:
         raise ValueError(f"unknown induction mode {mode!r}; choose one of {INDUCTION_MODES}")
     mlps = dict(gated_mlps(model))
-    if not mlps:
+    if not mlps and not expert_modules(model):
         raise PersonaError(f"NPTI is not applicable to {type(model).__name__}: it has no gated MLP "
-                           "(act_fn(gate_proj(x)) * up_proj(x)); supported: Llama, Mistral, Qwen2/3, Gemma2, Phi-3")
+                           "(act_fn(gate_proj(x)) * up_proj(x)); supported: Llama, Mistral, Qwen2/3, Gemma2, Phi-3, "
+                           "and the routed experts of MoE models")
     check_fingerprint(model, target.fingerprint, "this neuron set")
     handle = getattr(model, _ATTR, None)
-    if handle is not None and handle.neurons:
+    if handle is not None and handle.has_npti:
         raise PersonaError("NPTI induction is already applied; remove(model) first")
     if not 0.0 <= keep_prob <= 1.0:
         raise ValueError(f"keep_prob must be in [0, 1], got {keep_prob}")
     gen = torch.Generator().manual_seed(seed)
-    built = {}
+    built, experts = {}, {}
     for site in target.sites:
         if mode == "npti-code" and not target.at(site)[0].numel():
+            continue
+        slot = parse_slot(site)
+        if slot is not None and slot.param == "act_fn" and experts_of(model, slot) is not None:
+            if mode == "npti-code":
+                raise PersonaError(f"{site}: mode='npti-code' reproduces the released NPTI code, which has no "
+                                   "mixture-of-experts layers; use mode='package' for routed experts")
+            base = experts_of(model, slot)
+            experts.setdefault(slot.module, {})[slot.expert] = _Induction(
+                base.act_fn, target, opposite, site, experts_info(base).intermediate, strength, keep_prob, gen, backend,
+                base.down_proj.device, mode)
             continue
         mlp_name = site.rpartition(".")[0]
         mlp = mlps.get(mlp_name)
@@ -413,6 +557,14 @@ def apply_neurons(model: nn.Module, target: NeuronSet, opposite: Optional[Neuron
         mlp = mlps[mlp_name]
         handle.neurons[mlp_name] = getattr(mlp, attr)
         setattr(mlp, attr, wrapper)
+    for name, inductions in experts.items():
+        wrapper = model.get_submodule(name)
+        if not isinstance(wrapper, PersonaExperts):  # no masks there: a wrapper for the induction alone
+            wrapper = PersonaExperts(wrapper, handle)
+            handle.swapped[name] = wrapper.base
+            set_module(model, name, wrapper)
+        wrapper.inductions.update(inductions)
+        handle.expert_neurons[name] = sorted(inductions)
     return handle
 
 

@@ -21,18 +21,22 @@ from .hf import (  # noqa: F401
     linear_shape,
     output_head,
 )
+from .moe import ACT, EXPERT_PARAMS, expert_modules, experts_info
 
 
 @dataclass(frozen=True)
 class Site:
     """One hook point. kind 'linear': the input of a linear layer; 'act': act_fn(gate) of a gated
-    MLP; 'resid': the output of a decoder layer (the residual stream, for steering vectors)."""
+    MLP; 'resid': the output of a decoder layer (the residual stream, for steering vectors).
+    Expert sites (``expert`` set) are one routed expert's projection input or activation inside
+    a fused-experts module (moe.py): ``module`` is that module, ``name`` its slot."""
 
     name: str          # the site's key, e.g. "model.layers.0.mlp.down_proj" or "model.layers.0.mlp.act_fn"
     kind: str
     module: str        # the module the hook is attached to
     channels: int
     layer: Optional[int]
+    expert: Optional[int] = None
 
 
 KINDS = ("linear", "act", "resid")
@@ -56,6 +60,14 @@ def discover_sites(model: nn.Module, kinds: Sequence[str] = KINDS, layers: Optio
     if "linear" in kinds:
         for name, m in linear_layers(model, include_head):
             sites.append(Site(name, "linear", name, linear_shape(m)[1], layer_index(name)))
+    for name, m in expert_modules(model):  # each routed expert's projections and activation
+        info = experts_info(m)
+        for e in range(info.num_experts):
+            if "linear" in kinds:
+                sites += [Site(f"{name}.{param}.{e}", "linear", name, info.shape(param)[1], layer_index(name), e)
+                          for param in EXPERT_PARAMS]
+            if "act" in kinds:
+                sites.append(Site(f"{name}.{ACT}.{e}", "act", name, info.intermediate, layer_index(name), e))
     if "act" in kinds:
         seen = {}
         for name, mlp in gated_mlps(model):
@@ -75,5 +87,5 @@ def discover_sites(model: nn.Module, kinds: Sequence[str] = KINDS, layers: Optio
         sites += [Site(name, "resid", name, width, layer_index(name)) for name, _ in decoder_layers(model)
                   if by_layer.keep(name)]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    sites.sort(key=lambda s: (order.get(s.module, 0), s.kind))
+    sites.sort(key=lambda s: (order.get(s.module, 0), s.expert or 0, s.kind))
     return sites

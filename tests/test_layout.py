@@ -13,7 +13,7 @@ ROOT = os.path.dirname(persona_kernels.__file__)
 # Low to high; a module may import its own layer or lower ones. The package facade
 # (persona_kernels/__init__.py, __main__.py) is outside the layers.
 LAYERS = [
-    ["_version", "_native", "bitpack", "io", "hf", "fingerprint", "backends", "stats", "data", "testing", "builtin", "prompts",
+    ["_version", "_native", "bitpack", "io", "hf", "moe", "fingerprint", "backends", "stats", "data", "testing", "builtin", "prompts",
      "distributed", "evaluate", "localize"],
     ["ops.registry", "formats"],
     ["ops"],

@@ -28,7 +28,7 @@ from ..calibrate import calibrate
 from ..data import neutral_texts
 from ..data.loaders import MCItem
 from ..evaluate import evaluate_mc, mcnemar, perplexity
-from ..hf import decoder_layers
+from ..hf import LayerFilter, decoder_layers
 from ..io import atomic_write_text
 from ..masks import LAYER_SETS, MODES, build_masks, layer_range
 from ..prompts import PromptFormat
@@ -92,6 +92,11 @@ class StudyConfig:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
 
 
+def valid_sparsity(method: str, sparsity: float) -> bool:
+    """Contrastive-Sparse's disjoint masks each keep at most half of a row."""
+    return method != "contrastive_sparse" or sparsity >= 0.5
+
+
 @dataclass
 class Candidate:
     """One configuration of one method: ``enter(pole)`` sets the model up for a pole (and may
@@ -142,6 +147,7 @@ class Study:
         self.timings: dict = {}
         self.neutral = neutral_texts()
         self.candidates: dict = {}
+        self.stores: dict = {}  # (method, sparsity, mode) -> MaskStore of every layer
         os.makedirs(out_dir, exist_ok=True)
 
     def _timed(self, name, fn):
@@ -205,18 +211,17 @@ class Study:
         pos, neg = self.cfg.personas
         label = f"{method}@{sparsity:g}" + (f" {layer_set}" if layer_set != "all" else "") + \
             (f" {mode}" if mode != "prune" else "") + (f" g{gamma:g}" if gamma else "")
-        extra = {"mlp_only": self.cfg.mlp_only or layer_set == "mlp"}
-        if layer_set == "attention":
-            extra["include"] = ATTENTION
-        elif layer_set in LAYER_SETS:
-            extra["layers"] = layer_range(len(decoder_layers(self.model)), layer_set)
-        cache = {}
+        keep = LayerFilter(layer_range(len(decoder_layers(self.model)), layer_set) if layer_set in LAYER_SETS else None,
+                           self.cfg.mlp_only or layer_set == "mlp", ATTENTION if layer_set == "attention" else None)
 
         def enter(pole):
-            if "store" not in cache:
-                cache["store"] = self._timed("masks", lambda: build_masks(self.model, calib, [pos, neg], method=method,
-                                                                         sparsity=sparsity, mode=mode, **extra))
-            pm.apply(self.model, cache["store"], persona=pole, gamma=gamma)
+            # per-row selection is layer-local: one store per (method, sparsity, mode) serves every layer set
+            key = (method, sparsity, mode)
+            if key not in self.stores:
+                self.stores[key] = self._timed("masks", lambda: build_masks(self.model, calib, [pos, neg], method=method,
+                                                                           sparsity=sparsity, mode=mode))
+            store = self.stores[key]
+            pm.apply(self.model, store, persona=pole, gamma=gamma, layers=keep.select(store.layers))
 
         kind = "control" if method in CONTROLS else "mask"
         return Candidate(method, label, kind, sparsity, enter, lambda: pm.remove(self.model),
@@ -249,7 +254,10 @@ class Study:
         """{family: [candidates]} of the persona methods (controls and prompting apart)."""
         cfg, fams = self.cfg, {}
         for method in cfg.methods:
-            fams[method] = [self._mask(calib, method, s, ls, mode, g) for s in cfg.sparsities for ls in cfg.layer_sets
+            sparsities = [s for s in cfg.sparsities if valid_sparsity(method, s)]
+            if len(sparsities) < len(cfg.sparsities):
+                self.log(f"[study] {method}: sparsities below 0.5 skipped (its two masks are disjoint)")
+            fams[method] = [self._mask(calib, method, s, ls, mode, g) for s in sparsities for ls in cfg.layer_sets
                             for mode in cfg.modes for g in cfg.gammas]
         if cfg.npti:
             from ..hf import gated_mlps

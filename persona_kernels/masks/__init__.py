@@ -1,6 +1,7 @@
 """Persona masks : Wanda-style, Contrastive-Wanda, Contrastive-Sparse, soft gates."""
 from ..bitpack import pack_bits, unpack_bits
-from .build import LAYER_SETS, MODES, MaskConfig, build_masks, layer_range, linear_weight
+from ..hf import linear_weight
+from .build import LAYER_SETS, MODES, MaskConfig, build_masks, layer_range
 from .methods import (
                       block_mask,
                       contrastive_sparse_code_masks,

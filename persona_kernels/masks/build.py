@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..calibrate import CalibrationResult
 from ..fingerprint import check_fingerprint
-from ..hf import LayerFilter, linear_weight, output_head
+from ..hf import LayerFilter, linear_weight, named_weight, output_head  # noqa: F401 (linear_weight: re-exported)
 from . import methods
 from .store import MaskStore
 
@@ -105,7 +105,7 @@ class MaskConfig:
 
 def _layers(model: nn.Module, calib: CalibrationResult, cfg: MaskConfig) -> list[str]:
     head = output_head(model)
-    heads = [n for n, s in calib.sites.items() if s.kind == "linear" and head is not None and
+    heads = [n for n, s in calib.sites.items() if s.kind == "linear" and s.expert is None and head is not None and
              model.get_submodule(n) is head]
     names = [n for n, s in calib.sites.items() if s.kind == "linear" and n not in heads]
     names = LayerFilter(cfg.layers, cfg.mlp_only, cfg.include, cfg.exclude).select(names)
@@ -137,19 +137,25 @@ def build_masks(model: nn.Module, calib: CalibrationResult, personas: Optional[S
         raise ValueError(f"{cfg.method} needs exactly two opposing personas (positive, negative), got {personas}")
     if cfg.mode == "difference" and len(personas) != 2:
         raise ValueError(f"mode 'difference' needs exactly two personas, got {personas}")
-    modules = dict(model.named_modules())
     out = {p: {} for p in personas}
     for layer in _layers(model, calib, cfg):
         st = calib.stats[layer]
-        w = linear_weight(modules[layer])
+        w = named_weight(model, layer)
         if not bool(torch.isfinite(w).all()):  # else the top-k fails later without naming the layer
             raise ValueError(f"{layer}: its weight holds NaN or Inf values; no mask can be scored from it (a broken "
                              "checkpoint, or weights edited after loading)")
         sparsity = (cfg.layer_sparsity or {}).get(calib.sites[layer].layer, cfg.sparsity)
         sel = dict(sparsity=sparsity, granularity=cfg.granularity, n=cfg.n, m=cfg.m, backend=cfg.backend)
+        # a routed expert that saw none of a persona's tokens has no activation to score by: |W| alone
+        unseen = [int(st.samples[i]) == 0 for i in idx]
         if cfg.method == "wanda":
-            for p, i in zip(personas, idx):
-                out[p][layer] = methods.wanda_mask(w, _act(st, i, cfg.statistic), **sel).cpu()
+            for p, i, u in zip(personas, idx, unseen):
+                out[p][layer] = (methods.magnitude_mask(w, **sel) if u else
+                                 methods.wanda_mask(w, _act(st, i, cfg.statistic), **sel)).cpu()
+            continue
+        if cfg.method not in CONTROLS and any(unseen):
+            for p in personas:
+                out[p][layer] = methods.magnitude_mask(w, **sel).cpu()
             continue
         if cfg.method == "magnitude":
             mask = methods.magnitude_mask(w, **sel).cpu()

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..bitpack import pack_bits, popcount, unpack_bits
 from ..fingerprint import architecture, check_fingerprint, model_fingerprint
+from ..hf import named_weight
 from ..io import load_artifact, save_artifact
 
 KIND = "masks"
@@ -41,14 +42,12 @@ class MaskStore:
         for p in personas:
             if list(masks[p]) != layers:
                 raise ValueError(f"persona {p!r} covers different layers than {personas[0]!r}")
-        from ..fingerprint import linear_shape
-
-        modules = dict(model.named_modules())
         shapes, packed = {}, {}
         for layer in layers:
-            if layer not in modules or linear_shape(modules[layer]) is None:
-                raise ValueError(f"{layer!r} is not a linear layer of this model")
-            shape = tuple(linear_shape(modules[layer]))
+            try:
+                shape = tuple(named_weight(model, layer).shape)
+            except KeyError:
+                raise ValueError(f"{layer!r} is not a linear layer (or expert projection) of this model") from None
             for p in personas:
                 mk = masks[p][layer]
                 if mk.dtype != torch.bool or tuple(mk.shape) != shape:
