@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 
 from .fingerprint import check_fingerprint
-from .hf import is_conv1d, unwrap
+from .hf import is_conv1d, saveable, unwrap
 from .masks.store import MaskStore
 from .moe import experts_layout, experts_of, parse_slot
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "compressed-tensors")
 
 
 class ExportError(ValueError):
@@ -87,27 +87,17 @@ def baked_state_dict(model: nn.Module, masks: MaskStore, persona: str, tied_embe
     return sd
 
 
-def export(model: nn.Module, masks: MaskStore, persona: str, path: str, tokenizer=None, format: str = "hf",
-           overwrite: bool = False, tied_embedding: str = "keep") -> str:
-    """Write ``persona`` of ``masks`` baked into ``model``'s weights to the directory ``path``."""
-    if format not in FORMATS:
-        raise ExportError(f"unknown export format {format!r}; this version writes {FORMATS} (compressed-tensors and "
-                          "gguf are not written yet)")
+def write_directory(path: str, overwrite: bool, fill) -> str:
+    """Create the directory ``path`` atomically: ``fill(tmp)`` writes a temp directory beside it,
+    renamed into place when it returns (removed if it raises)."""
     path = os.fspath(path)
     if os.path.exists(path) and not (overwrite and os.path.isdir(path)):
         raise ExportError(f"{path} exists; pass overwrite=True (--overwrite) to replace a directory")
-    sd = baked_state_dict(model, masks, persona, tied_embedding)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
     try:
-        model.save_pretrained(tmp, state_dict=sd)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        info = {"persona": persona, "personas": masks.personas, "method": masks.method, "params": masks.params,
-                "fingerprint": masks.fingerprint, "masked_layers": len(masks.layers), "format": format}
-        with open(os.path.join(tmp, "persona_kernels.json"), "w") as f:
-            json.dump(info, f, indent=1, sort_keys=True, default=str)
+        fill(tmp)
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -115,6 +105,54 @@ def export(model: nn.Module, masks: MaskStore, persona: str, path: str, tokenize
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def write_info(directory: str, info: dict) -> None:
+    with open(os.path.join(directory, "persona_kernels.json"), "w") as f:
+        json.dump(info, f, indent=1, sort_keys=True, default=str)
+
+
+def export(model: nn.Module, masks: MaskStore, persona: str, path: str, tokenizer=None, format: str = "hf",
+           overwrite: bool = False, tied_embedding: str = "keep") -> str:
+    """Write ``persona`` of ``masks`` baked into ``model``'s weights to the directory ``path``.
+
+    ``format='hf'``: a plain transformers checkpoint. ``'compressed-tensors'``: the same weights
+    with every masked linear layer in the sparse-bitmask layout (sparse_checkpoint.py: packed
+    non-zero values plus a bitmap, the ``sparsity_config`` in config.json) that compressed-tensors
+    decompresses and vLLM reads; routed-expert weights (3-D, not linear modules) stay dense.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; this version writes {FORMATS} (gguf: convert the 'hf' "
+                          "export with llama.cpp's convert_hf_to_gguf.py)")
+    sd = baked_state_dict(model, masks, persona, tied_embedding)
+    info = {"persona": persona, "personas": masks.personas, "method": masks.method, "params": masks.params,
+            "fingerprint": masks.fingerprint, "masked_layers": len(masks.layers), "format": format}
+    layers = []
+    if format == "compressed-tensors":
+        from .sparse_checkpoint import compress_state_dict
+
+        layers = [n for n in masks.layers if parse_slot(n) is None or experts_of(model, parse_slot(n)) is None]
+        tied = [n for n in layers if f"{n}.weight" not in sd]
+        if tied:
+            raise ExportError(f"{tied[0]} has no weight of its own in the checkpoint (tied to the input embedding): the "
+                              "compressed-tensors layout cannot hold it; export format='hf', or leave the head unmasked")
+        zeros = sum(int((sd[f"{n}.weight"] == 0).sum()) for n in layers)
+        total = sum(sd[f"{n}.weight"].numel() for n in layers)
+        info["compressed_layers"] = len(layers)
+        sd = compress_state_dict(sd, layers)
+
+    def fill(tmp):
+        with saveable(model):
+            model.save_pretrained(tmp, state_dict=sd)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if layers:
+            from .sparse_checkpoint import write_config
+
+            write_config(tmp, layers, zeros / max(total, 1))
+        write_info(tmp, info)
+
+    return write_directory(path, overwrite, fill)
 
 
 def bake(model: nn.Module, masks: MaskStore, persona: str, copy: Optional[nn.Module] = None,
@@ -127,4 +165,4 @@ def bake(model: nn.Module, masks: MaskStore, persona: str, copy: Optional[nn.Mod
     return target
 
 
-__all__ = ["ExportError", "FORMATS", "bake", "baked_state_dict", "export"]
+__all__ = ["ExportError", "FORMATS", "bake", "baked_state_dict", "export", "write_directory", "write_info"]

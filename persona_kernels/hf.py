@@ -6,6 +6,7 @@ the one layer filter that calibration, mask building and apply() share.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -108,6 +109,30 @@ def named_weight(model: nn.Module, name: str) -> torch.Tensor:
     if linear_shape(module) is None:
         raise KeyError(f"{name!r} is not a linear layer or expert projection of this model")
     return linear_weight(module)
+
+
+@contextlib.contextmanager
+def saveable(model: nn.Module):
+    """save_pretrained of a model loaded from a .gguf file: transformers dequantizes GGUF weights
+    on loading but keeps the GGUF quantizer, which refuses to save. The weights are plain
+    tensors, so for the duration the quantizer and its config entry are taken off (then put
+    back): the checkpoint is an ordinary one. Other quantizers are left alone."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", "")).lower()
+    if quantizer is None or "gguf" not in method:
+        yield model
+        return
+    config = model.config
+    saved = (quantizer, getattr(model, "is_quantized", None), getattr(config, "quantization_config", None))
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    try:
+        yield model
+    finally:
+        model.hf_quantizer, model.is_quantized = saved[0], saved[1]
+        if saved[2] is not None:
+            config.quantization_config = saved[2]
 
 
 # ---- gated MLPs --------------------------------------------------------------------------------
@@ -245,7 +270,8 @@ class LayerFilter:
         return [n for n in names if self.keep(n, None if modules is None else modules.get(n))]
 
 
-__all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture", "activation_attr",
-           "cache_kwargs", "check_supported", "decoder_layers", "forward_params", "max_positions", "output_cache", "padded_inputs",
-           "gated_mlps", "hidden_size", "in_mlp_block", "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear",
-           "layer_index", "linear_layers", "linear_shape", "linear_weight", "named_weight", "output_head", "set_module", "unwrap"]
+__all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture",
+           "activation_attr", "cache_kwargs", "check_supported", "decoder_layers", "forward_params", "max_positions",
+           "output_cache", "padded_inputs", "saveable", "gated_mlps", "hidden_size", "in_mlp_block",
+           "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear", "layer_index", "linear_layers",
+           "linear_shape", "linear_weight", "named_weight", "output_head", "set_module", "unwrap"]

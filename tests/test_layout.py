@@ -19,7 +19,7 @@ LAYERS = [
     ["ops"],
     ["sites", "calibrate"],
     ["masks", "npti", "steering"],
-    ["model", "export"],
+    ["model", "export", "sparse_checkpoint", "packs"],
     ["app"],
 ]
 

@@ -391,15 +391,48 @@ def cmd_export(args) -> int:
     from ..export import export
     from ..masks import MaskStore
 
-    if not args.masks or not args.persona:
-        raise ValueError("export needs --masks FILE and --persona NAME")
+    if not args.masks or not (args.persona or args.pack):
+        raise ValueError("export needs --masks FILE and --persona NAME (or --pack for every persona)")
+    if args.pack and args.persona:
+        raise ValueError("--pack writes every persona of the mask store; drop --persona")
     model, tok = load_model(args.model, args.dtype, args.device)
     store = MaskStore.load(args.masks, model=model)
+    if args.pack:
+        from ..packs import export_pack
+
+        sizes = export_pack(model, store, args.path, tokenizer=tok, overwrite=args.overwrite)
+        mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+        print(f"pack of {len(store.personas)} personas written to {args.path}: base {mib(sizes['base'])} once, masks "
+              f"{mib(sizes['masks'])} ({mib(sizes['per_persona'])} per persona, 1/{sizes['weights'] / max(1, sizes['per_persona']):.0f} "
+              "of the weights); load with persona_kernels.load_pack")
+        return 0
     path = export(model, store, args.persona, args.path, tokenizer=tok, format=args.format, overwrite=args.overwrite,
                   tied_embedding=args.tied_embedding)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     print(f"persona {args.persona!r} ({store.method}) written to {path} ({size / 2**20:.1f} MiB); "
           f"load it with transformers.AutoModelForCausalLM.from_pretrained({path!r})")
+    return 0
+
+
+def cmd_import_masks(args) -> int:
+    from ..sparse_checkpoint import import_masks
+
+    if not args.checkpoint:
+        raise ValueError("import-masks needs at least one --checkpoint PERSONA=DIR")
+    checkpoints = {}
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--checkpoint expects PERSONA=DIR, got {item!r}")
+        if name in checkpoints:
+            raise ValueError(f"--checkpoint names persona {name!r} twice")
+        checkpoints[name] = path
+    model, _ = load_model(args.model, args.dtype, args.device)
+    store = import_masks(model, checkpoints, tolerance=args.tolerance)
+    path = store.save(_out(args, "masks-imported.safetensors"))
+    for p in store.personas:
+        print(f"{p}: {len(store.layers)} layers, density {store.density(p)['*']:.3f}")
+    print(f"masks written to {path}")
     return 0
 
 
@@ -603,16 +636,27 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_args(p)
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("export", help="one persona baked into the weights -> a plain transformers checkpoint directory")
+    p = sub.add_parser("export", help="a persona baked into the weights (hf or compressed-tensors checkpoint), "
+                                      "or --pack: the base model plus every persona's bit mask")
     _common(p)
     p.add_argument("--masks", help="mask store (.safetensors)")
-    p.add_argument("--persona", help="the persona to bake")
+    p.add_argument("--persona", help="the persona to bake (not with --pack)")
     p.add_argument("--path", required=True, help="output directory (save_pretrained layout)")
-    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--format", default="hf", choices=["hf", "compressed-tensors"],
+                   help="hf: plain checkpoint; compressed-tensors: sparse-bitmask layout (vLLM, llm-compressor)")
+    p.add_argument("--pack", action="store_true", help="a persona pack: base/ checkpoint + masks.safetensors (all personas)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     p.add_argument("--tied-embedding", default="keep", choices=["keep", "mask"],
                    help="a masked lm_head tied to the input embedding: write both masked (the only tied form)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-masks", help="masks from compressed-tensors sparse checkpoints of the same base model "
+                                            "-> masks-imported.safetensors")
+    _common(p)
+    p.add_argument("--checkpoint", action="append", metavar="PERSONA=DIR", help="a sparse-bitmask checkpoint (repeat)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="relative tolerance of the kept values against the base weights (a checkpoint in another dtype)")
+    p.set_defaults(func=cmd_import_masks)
 
     p = sub.add_parser("bench", help="decode tokens/s: dense vs persona masks at several sparsities")
     _common(p)
