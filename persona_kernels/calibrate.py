@@ -21,7 +21,7 @@ from .moe import ACT, experts_forward, slot_weight
 from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
 from .prompts import PromptFormat
 from .sites import KINDS, Site, check_supported, discover_sites
-from .stats import StatsConfig, StatsState
+from .stats import StatsConfig, StatsState, compact
 
 KIND = "statistics"
 TOKEN_SCOPES = ("prompt", "generated", "both", "decode")
@@ -39,6 +39,9 @@ class CalibrationConfig:
     include/exclude: regexes on linear/act site names ('resid' sites follow ``layers`` only).
     include_head:  also calibrate the output head's input (to mask lm_head, as the released
                    Persona code does; off by default).
+    share_inputs:  linear layers that read the very same input tensor (q/k/v, gate/up) share one
+                   statistics state: one pass instead of three, and the artifact stores it once
+                   (CalibrationResult.aliases). Off: every layer accumulates its own.
     batch_size, max_length: tokenisation and batching.
     histogram_kinds: site kinds that also keep a histogram (NPTI needs it at 'act').
     edges:         histogram edges (None: NPTI's).
@@ -79,6 +82,7 @@ class CalibrationConfig:
     chat_template: Optional[bool] = None
     system_prompt: Optional[str] = None
     include_head: bool = False
+    share_inputs: bool = True
 
     def __post_init__(self):
         self.kinds = tuple(self.kinds)
@@ -113,6 +117,7 @@ class CalibrationResult:
     fingerprint: str
     architecture: str
     config: dict = field(default_factory=dict)
+    aliases: dict = field(default_factory=dict)  # site -> site whose input it shares (one state for both)
 
     def persona_index(self, name: str) -> int:
         if name not in self.personas:
@@ -128,9 +133,12 @@ class CalibrationResult:
         return "\n".join(lines)
 
     def save(self, path) -> str:
-        tensors = {f"{site}::{k}": v for site, st in self.stats.items() for k, v in st.tensors().items()}
+        """Atomically, as safetensors: each shared state once, counts and extremes in their
+        smallest exact form (stats/compact.py)."""
+        tensors = {f"{site}::{k}": v for site, st in self.stats.items() if site not in self.aliases
+                   for k, v in compact.pack(st.tensors()).items()}
         meta = {"fingerprint": self.fingerprint, "architecture": self.architecture, "personas": self.personas,
-                "sites": {n: asdict(s) for n, s in self.sites.items()}, "config": self.config}
+                "sites": {n: asdict(s) for n, s in self.sites.items()}, "config": self.config, "aliases": self.aliases}
         return save_artifact(path, tensors, KIND, meta)
 
     @classmethod
@@ -143,10 +151,13 @@ class CalibrationResult:
             site, _, name = key.rpartition("::")
             grouped.setdefault(site, {})[name] = t
         sites = {n: Site(**s) for n, s in meta["sites"].items()}
-        if set(grouped) != set(sites):
+        aliases = dict(meta.get("aliases", {}))
+        if set(grouped) != set(sites) - set(aliases) or any(a not in sites or c not in grouped for a, c in aliases.items()):
             raise ValueError(f"{path}: tensors and site list disagree (truncated or edited file?)")
-        stats = {n: StatsState.from_tensors(grouped[n]) for n in sites}
-        return cls(list(meta["personas"]), sites, stats, meta["fingerprint"], meta["architecture"], meta.get("config", {}))
+        stats = {n: StatsState.from_tensors(compact.unpack(grouped[n])) for n in grouped}
+        stats.update({a: stats[c] for a, c in aliases.items()})
+        return cls(list(meta["personas"]), sites, {n: stats[n] for n in sites}, meta["fingerprint"], meta["architecture"],
+                   meta.get("config", {}), aliases)
 
 
 def _check_texts(texts_by_persona: Mapping[str, Sequence[str]]) -> list[tuple[str, int]]:
@@ -214,6 +225,8 @@ class _Collector:
         self.enabled = True
         self.handles = []
         self.model, self.swapped = model, {}
+        self.aliases: dict = {}  # site -> the site whose input tensor it reads too
+        self._last: Optional[tuple] = None  # (input tensor, site) of the last linear site, this forward
         modules = dict(model.named_modules())
         for s in sites:
             if s.expert is not None:
@@ -237,8 +250,32 @@ class _Collector:
         def hook(module, args, *rest):
             if self.enabled:
                 x = rest[0] if from_output else args[0]
-                self.collect(site, x[0] if isinstance(x, tuple) else x)  # decoder layers may return a tuple
+                x = x[0] if isinstance(x, tuple) else x  # decoder layers may return a tuple
+                if site.kind == "linear" and self._shares_input(site, x):
+                    return
+                self.collect(site, x)
         return hook
+
+    def new_batch(self) -> None:
+        self._last = None
+
+    def _shares_input(self, site: Site, x: torch.Tensor) -> bool:
+        """True when ``x`` is the tensor the previous linear site read (q/k/v, gate/up): that
+        site's state serves both. Decided on the first batch, checked on every later one."""
+        if not self.cfg.share_inputs:
+            return False
+        last, self._last = self._last, (x, site.name)
+        same = last is not None and last[0] is x
+        canonical = self.aliases.get(last[1], last[1]) if same else None
+        if site.name in self.aliases:
+            if canonical != self.aliases[site.name]:
+                raise RuntimeError(f"{site.name} read the same input tensor as {self.aliases[site.name]} in an earlier "
+                                   "batch but not in this one; calibrate with share_inputs=False")
+            return True
+        if same and site.name not in self.stats:
+            self.aliases[site.name] = canonical
+            return True
+        return False
 
     def collect(self, site: Site, x: torch.Tensor) -> None:
         B, T = self.valid.shape
@@ -386,6 +423,7 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
 
         for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not cfg.progress):
             collector.segments = torch.tensor([items[i][1] for i in batch], dtype=torch.int64)
+            collector.new_batch()
             if pairs:
                 ids, attn, scope = _pair_batch([encoded[i] for i in batch], tokenizer.pad_token_id, cfg, limit)
                 truncated += sum(len(encoded[i][0]) > limit for i in batch)
@@ -422,11 +460,12 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
             hist = s.kind in cfg.histogram_kinds
             collector.stats[s.name] = StatsState.empty(s.channels, StatsConfig(len(personas), histogram=hist,
                                                                                  edges=cfg.edges if hist else None), device=device)
-    missing = [s.name for s in sites if s.name not in collector.stats]
+    missing = [s.name for s in sites if s.name not in collector.stats and s.name not in collector.aliases]
     if missing:
         raise RuntimeError(f"{len(missing)} site(s) were never called during the forward pass (first: {missing[:3]})")
+    stats = {**collector.stats, **{a: collector.stats[c] for a, c in collector.aliases.items()}}
     return CalibrationResult(
-        personas=personas, sites={s.name: s for s in sites}, stats={s.name: collector.stats[s.name] for s in sites},
+        personas=personas, sites={s.name: s for s in sites}, stats={s.name: stats[s.name] for s in sites},
         fingerprint=model_fingerprint(model), architecture=architecture(model),
-        config=json.loads(json.dumps(asdict(cfg))),
+        config=json.loads(json.dumps(asdict(cfg))), aliases=dict(collector.aliases),
     )

@@ -217,3 +217,59 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         res.save(path)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["s.safetensors"]
+
+
+def test_layers_reading_one_input_share_one_state_and_the_file_stores_it_once(tmp_path):
+    """q/k/v and gate/up read the same tensor: one accumulation serves them (equal, bit for bit,
+    to accumulating each), the artifact holds it once, and loading restores every site."""
+    model, tok = tiny_causal_lm("llama", seed=3), char_tokenizer()
+    shared = calibrate(model, tok, TEXTS, progress=False)
+    separate = calibrate(model, tok, TEXTS, progress=False, share_inputs=False)
+    assert shared.aliases == {"model.layers.0.self_attn.k_proj": "model.layers.0.self_attn.q_proj",
+                              "model.layers.0.self_attn.v_proj": "model.layers.0.self_attn.q_proj",
+                              "model.layers.0.mlp.up_proj": "model.layers.0.mlp.gate_proj",
+                              "model.layers.1.self_attn.k_proj": "model.layers.1.self_attn.q_proj",
+                              "model.layers.1.self_attn.v_proj": "model.layers.1.self_attn.q_proj",
+                              "model.layers.1.mlp.up_proj": "model.layers.1.mlp.gate_proj"}
+    assert not separate.aliases and set(shared.stats) == set(separate.stats)
+    for site in shared.stats:
+        for k, t in separate.stats[site].tensors().items():
+            assert torch.equal(getattr(shared.stats[site], k), t), (site, k)
+    a, b = shared.save(tmp_path / "a.safetensors"), separate.save(tmp_path / "b.safetensors")
+    assert os.path.getsize(a) < 0.85 * os.path.getsize(b)  # tiny model: the act histograms dominate both
+    back = CalibrationResult.load(a, model=model)
+    assert back.aliases == shared.aliases
+    for site in shared.stats:
+        for k, t in shared.stats[site].tensors().items():
+            got = getattr(back.stats[site], k)
+            assert got.dtype == t.dtype and torch.equal(got, t), (site, k)
+
+
+def test_compact_storage_is_exact():
+    from persona_kernels.stats import compact
+
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "few large bins": (torch.randint(0, 40, (2, 5, 303), generator=g) * (torch.rand(2, 5, 303, generator=g) < 0.03) * 1000),
+        "int16": torch.randint(0, 30000, (3, 7), generator=g),
+        "int32": torch.randint(0, 2**31 - 1, (3, 7), generator=g),
+        "int64": torch.full((2, 3), 2**40),
+        "negative": torch.tensor([[-1, 5]]),
+        "empty": torch.zeros(0, 4, dtype=torch.int64),
+    }
+    for what, t in cases.items():
+        packed = compact.pack({"hist": t.to(torch.int64)})
+        back = compact.unpack(packed)["hist"]
+        assert back.dtype == torch.int64 and torch.equal(back, t.to(torch.int64)), what
+        assert sum(v.numel() * v.element_size() for v in packed.values()) <= t.numel() * 8, what
+    assert compact.pack({"hist": cases["few large bins"].to(torch.int64)})["hist"].dtype == torch.uint8
+    exact = torch.tensor([[1.5, float("inf"), -3.25]], dtype=torch.float64)
+    inexact = torch.tensor([[0.1]], dtype=torch.float64)
+    p = compact.pack({"min": exact, "max": inexact, "mean": exact})
+    assert p["min"].dtype == torch.float32 and p["max"].dtype == torch.float64 and p["mean"].dtype == torch.float64
+    u = compact.unpack(p)
+    assert torch.equal(u["min"], exact) and torch.equal(u["max"], inexact)
+    bad = compact.pack({"hist": cases["few large bins"].to(torch.int64)})
+    bad["hist.over_idx"] = bad["hist.over_idx"] + 10**9
+    with pytest.raises(ValueError, match="overflow table"):
+        compact.unpack(bad)
