@@ -48,3 +48,24 @@ def test_a_directory_is_named_as_such(tmp_path):
         load_artifact(tmp_path, "masks")
     with pytest.raises(IsADirectoryError):
         save_artifact(tmp_path, {"x": torch.zeros(1)}, "masks", {})
+
+
+def test_sigterm_during_a_write_leaves_no_temp_file(tmp_path):
+    """The CLI turns SIGTERM into SystemExit, so a writer killed that way removes its temp file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "big.bin"
+    code = ("import time; from persona_kernels.app.cli import exit_on_sigterm; from persona_kernels.io import atomic_write\n"
+            "exit_on_sigterm()\n"
+            f"atomic_write({str(target)!r}, lambda f: (f.write(b'x' * 1000), time.sleep(60)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".tmp-big.bin-") for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None, "the writer never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

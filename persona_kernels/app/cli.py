@@ -672,8 +672,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit (exit 143) instead of killing the process outright, so the
+    atomic writers' cleanup runs: no temp file or half-written directory is left behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()
     from .._native import BackendUnavailable
     from ..data.loaders import DataFormatError
     from ..export import ExportError  # noqa: F401 (a ValueError)
