@@ -73,9 +73,9 @@ def main(argv=None):
     print(f"# end-to-end decode on {machine()}: Llama-3-8B-shaped, {args.layers} layers, {dtype}, batch 1, {tokens} tokens")
     rows = bench_model(model, [float(s) for s in args.sparsities.split(",")], tokens=tokens, device=args.device)
     table = [dict(sparsity=f"{r['sparsity']:.0%}", format=r["format"], tokens_per_s=f"{r['tokens_per_s']:.2f}",
-                  speedup=f"{r['speedup']:.2f}", switch_us_per_layer=f"{r.get('switch_ms_per_layer', 0) * 1e3:.2f}")
+                  speedup=f"{r['speedup']:.2f}", switch_ns=f"{r.get('switch_ns', 0):.0f}")
              for r in rows]
-    print_table(table, ["sparsity", "format", "tokens_per_s", "speedup", "switch_us_per_layer"])
+    print_table(table, ["sparsity", "format", "tokens_per_s", "speedup", "switch_ns"])
     if args.mixed_batch:
         mixed = bench_mixed_batch(model, float(args.sparsities.split(",")[0]), args.mixed_batch,
                                   tokens=tokens, device=args.device)

@@ -173,3 +173,18 @@ def test_cli_masks_the_head_on_request(model_dir, texts, tmp_path, capsys):
                  "--tied-embedding", "mask", "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
     assert main(["export", *common, "--masks", f"{out}/masks-wanda.safetensors", "--persona", "a",
                  "--path", str(tmp_path / "exported"), "--tied-embedding", "mask"]) == 0
+
+
+def test_bench_takes_dtype_masks_and_reports_median_and_range(model_dir, texts, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    common = ["--model", model_dir, "--out", out, "--quiet"]
+    assert main(["calibrate", *common, "--texts", f"a={texts / 'e.txt'}", "--texts", f"b={texts / 'i.txt'}"]) == 0
+    assert main(["masks", *common, "--sparsity", "0.6"]) == 0
+    capsys.readouterr()
+    assert main(["bench", *common, "--masks", f"{out}/masks-wanda.safetensors", "--persona", "b", "--runs", "3",
+                 "--tokens", "2", "--dtype", "bfloat16"]) == 0
+    printed = capsys.readouterr().out
+    assert "dense:" in printed and "(min " in printed and "3 runs" in printed and "b (6" in printed and "% sparse" in printed
+    assert "persona switch" in printed and " ns" in printed
+    assert main(["bench", *common, "--persona", "b"]) == 2
+    assert main(["bench", *common, "--masks", f"{out}/masks-wanda.safetensors", "--persona", "zz"]) == 2

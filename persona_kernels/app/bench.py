@@ -5,14 +5,16 @@ pattern as Wanda masks); calibration does not change the kernels' speed.
 """
 from __future__ import annotations
 
+import statistics
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .. import model as pm
-from ..hf import linear_shape
+from ..hf import cache_kwargs, linear_shape, output_cache
 from ..masks import MaskStore, linear_weight
 from ..masks.methods import select
 
@@ -37,52 +39,88 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+@dataclass
+class Timing:
+    """Tokens/s of several runs: the median and the range."""
+
+    runs: list
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    def __str__(self) -> str:
+        return f"{self.median:.1f} tok/s (min {min(self.runs):.1f}, max {max(self.runs):.1f}, {len(self.runs)} runs)"
+
+
 @torch.inference_mode()
-def decode_tokens_per_s(model: nn.Module, tokens: int, batch: int = 1, prompt_len: int = 8, device="cpu",
-                        reps: int = 2) -> float:
-    """Greedy decode of ``tokens`` new tokens with the KV cache; best of ``reps`` (prefill excluded)."""
+def decode_runs(model: nn.Module, tokens: int, batch: int = 1, prompt_len: int = 8, device="cpu", runs: int = 5) -> Timing:
+    """Greedy decode of ``tokens`` new tokens with the KV cache, ``runs`` times from a fresh cache
+    (prefill and a warm-up step excluded): tokens/s of each run."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, min(vocab, 100), (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
-    best = 0.0
-    for _ in range(reps):
-        out = model(input_ids=ids, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    out = []
+    for _ in range(runs):
+        step = model(input_ids=ids, use_cache=True)
+        cache, nxt = output_cache(step), step.logits[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache))  # warm-up step
+        cache, nxt = output_cache(step), step.logits[:, -1:].argmax(-1)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            step = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache))
+            cache, nxt = output_cache(step), step.logits[:, -1:].argmax(-1)
         _sync(device)
-        best = max(best, batch * tokens / (time.perf_counter() - t0))
-    return best
+        out.append(batch * tokens / (time.perf_counter() - t0))
+    return Timing(out)
 
 
-def switch_cost_ms(model: nn.Module, names: Sequence[str], reps: int = 200) -> float:
-    t0 = time.perf_counter()
+def decode_tokens_per_s(model: nn.Module, tokens: int, batch: int = 1, prompt_len: int = 8, device="cpu",
+                        reps: int = 5) -> float:
+    """Median tokens/s of ``reps`` decode runs (see decode_runs)."""
+    return decode_runs(model, tokens, batch, prompt_len, device, reps).median
+
+
+def switch_cost_ns(model: nn.Module, names: Sequence[str], reps: int = 200_000) -> float:
+    """Nanoseconds per set_persona (the whole model: one attribute write, whatever its size),
+    from a long loop timed with the nanosecond clock, less the loop's own cost."""
+    n = len(names)
+    t0 = time.perf_counter_ns()
     for i in range(reps):
-        pm.set_persona(model, names[i % len(names)])
-    return (time.perf_counter() - t0) / reps * 1e3
+        pm.set_persona(model, names[i % n])
+    t1 = time.perf_counter_ns()
+    for i in range(reps):
+        names[i % n]
+    t2 = time.perf_counter_ns()
+    return max(0.0, ((t1 - t0) - (t2 - t1)) / reps)
 
 
-def bench_model(model: nn.Module, sparsities: Sequence[float], tokens: int = 32, batch: int = 1, device="cpu",
-                formats: Sequence[str] = ("auto",), log=print) -> list[dict]:
-    """Rows of {sparsity, format, tok/s, speedup, switch ms/layer, persona bytes} vs dense measured in the same run."""
-    dense = decode_tokens_per_s(model, tokens, batch, device=device)
-    rows = [dict(sparsity=0.0, format="dense", tokens_per_s=dense, speedup=1.0)]
-    log(f"dense: {dense:.1f} tok/s")
-    for s in sparsities:
-        store = magnitude_masks(model, s)
+def bench_model(model: nn.Module, sparsities: Sequence[float] = (), tokens: int = 32, batch: int = 1, device="cpu",
+                formats: Sequence[str] = ("auto",), log=print, runs: int = 5, masks: Optional[MaskStore] = None,
+                persona: Optional[str] = None) -> list[dict]:
+    """Rows of {sparsity, format, tok/s (median, min, max), speedup, switch ns} against the dense
+    model measured in the same run: magnitude masks at ``sparsities``, or the user's ``masks``
+    (their ``persona``, default the first)."""
+    dense = decode_runs(model, tokens, batch, device=device, runs=runs)
+    rows = [dict(sparsity=0.0, format="dense", tokens_per_s=dense.median, min=min(dense.runs), max=max(dense.runs),
+                 speedup=1.0)]
+    log(f"dense: {dense}")
+    stores = [(masks, persona or masks.personas[0])] if masks is not None else \
+        [(magnitude_masks(model, s), None) for s in sparsities]
+    for store, who in stores:
+        who = who or store.personas[0]
+        density = store.density(who)["*"]
         for fmt in formats:
-            handle = pm.apply(model, store, persona=store.personas[0], format=fmt)
+            handle = pm.apply(model, store, persona=who, format=fmt)
             try:
-                tps = decode_tokens_per_s(model, tokens, batch, device=device)
-                sw = switch_cost_ms(model, store.personas) / max(1, len(handle.swapped))
+                t = decode_runs(model, tokens, batch, device=device, runs=runs)
+                sw = switch_cost_ns(model, store.personas)
             finally:
                 pm.remove(model)
-            rows.append(dict(sparsity=s, format=handle.format, tokens_per_s=tps, speedup=tps / dense,
-                             switch_ms_per_layer=sw))
-            log(f"sparsity {s:.0%} {handle.format}: {tps:.1f} tok/s ({tps / dense:.2f}x dense), "
-                f"switch {sw * 1e3:.2f} us/layer")
+            rows.append(dict(sparsity=1 - density, format=handle.format, persona=who, tokens_per_s=t.median, min=min(t.runs),
+                             max=max(t.runs), speedup=t.median / dense.median, switch_ns=sw))
+            log(f"{who} ({1 - density:.0%} sparse, {handle.format}): {t}, {t.median / dense.median:.2f}x dense; "
+                f"persona switch {sw:.0f} ns")
     return rows
 
 
@@ -105,8 +143,12 @@ def bench_mixed_batch(model: nn.Module, sparsity: float, batch: int, personas: i
 
 
 def run_decode_bench(model_spec: str, sparsities: Sequence[float], tokens: int = 32, device="cpu",
-                     out: Optional[str] = None) -> list[dict]:
+                     out: Optional[str] = None, dtype: str = "float32", runs: int = 5, batch: int = 1,
+                     masks: Optional[str] = None, persona: Optional[str] = None) -> list[dict]:
     from .loading import input_device, load_model
 
-    model, _ = load_model(model_spec, "float32", device)
-    return bench_model(model, sparsities, tokens, device=input_device(model))
+    model, _ = load_model(model_spec, dtype, device)
+    store = MaskStore.load(masks, model=model) if masks else None
+    if store is not None and persona is not None:
+        store.index(persona)  # an unknown persona is an error before any timing
+    return bench_model(model, sparsities, tokens, batch, device=input_device(model), runs=runs, masks=store, persona=persona)

@@ -439,8 +439,13 @@ def cmd_import_masks(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_decode_bench
 
+    if args.persona and not args.masks:
+        raise ValueError("bench --persona needs --masks")
+    if args.runs < 1 or args.tokens < 1 or args.batch < 1:
+        raise ValueError("--runs, --tokens and --batch must be positive")
     run_decode_bench(args.model, sparsities=[float(s) for s in args.sparsity.split(",")], tokens=args.tokens,
-                     device=args.device, out=args.out)
+                     device=args.device, out=args.out, dtype=args.dtype, runs=args.runs, batch=args.batch,
+                     masks=args.masks, persona=args.persona)
     return 0
 
 
@@ -662,6 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--sparsity", default="0.5,0.7", help="comma-separated sparsities")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per run")
+    p.add_argument("--runs", type=int, default=5, help="runs per configuration (median, min, max reported)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--masks", help="time your own mask store instead of magnitude masks at --sparsity")
+    p.add_argument("--persona", help="the persona of --masks to time (default: its first)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in model -> a report directory")

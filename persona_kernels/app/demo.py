@@ -159,7 +159,8 @@ def run(out_dir: str = "reports/demo", backend: str = "auto", quick: bool = Fals
     print("[6/7] masked vs dense decode speed")
     from .bench import bench_model
 
-    speed = bench_model(model, [0.5, 0.7, 0.9] if not quick else [0.7], tokens=8 if quick else 24, log=lambda s: None)
+    speed = bench_model(model, [0.5, 0.7, 0.9] if not quick else [0.7], tokens=8 if quick else 24, log=lambda s: None,
+                        runs=1 if quick else 3)
 
     print("[7/7] writing the report")
     diff = stores["wanda"].compare(pos, neg)
