@@ -254,11 +254,13 @@ def _lex_brute(score, k, tb):
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 17, 40])
-def test_topk_tie_break_is_lexicographic(k):
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_topk_tie_break_is_lexicographic(k, backend, dtype):
     g = torch.Generator().manual_seed(k)
-    score = torch.randint(0, 3, (9, 40), generator=g).float()  # many exact ties
-    tb = torch.randint(0, 4, (9, 40), generator=g).float()     # ties in the tie-break too: then the column
-    got = topk_mask(score, k, tie_break=tb)
+    score = torch.randint(0, 3, (9, 40), generator=g).to(dtype)  # many exact ties
+    tb = torch.randint(0, 4, (9, 40), generator=g).to(dtype)     # ties in the tie-break too: then the column
+    got = topk_mask(score, k, tie_break=tb, backend=backend)
     assert torch.equal(got, _lex_brute(score, k, tb))
     assert torch.equal(topk_mask(score, k, tie_break=torch.zeros_like(score)), topk_mask(score, k))  # column rule
     with pytest.raises(ValueError, match="tie_break"):
@@ -384,3 +386,31 @@ def test_a_nan_weight_is_named_when_building_masks():
     calib.fingerprint = model_fingerprint(model)  # a NaN the digest's samples may miss
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: its weight holds NaN"):
         build_masks(model, calib)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.99])
+def test_fused_row_selections_agree_across_backends(dtype, sparsity):
+    """The mask methods' per-row kernels (scores computed in the selection pass) give the
+    reference's masks bit for bit on every backend: odd shapes, half weights, heavy ties."""
+    from persona_kernels.masks.methods import contrastive_sparse_code_masks, contrastive_sparse_masks, contrastive_wanda_masks
+
+    g = torch.Generator().manual_seed(int(sparsity * 100))
+    w = torch.randn(5, 123, generator=g).to(dtype)
+    w[0, :40] = 0.5  # equal magnitudes: ties in every score
+    a, b = torch.rand(123, generator=g, dtype=torch.float64) + 0.1, torch.rand(123, generator=g, dtype=torch.float64) + 0.1
+    va, vb = a * 0.2, b * 0.3
+    from persona_kernels.ops import registry
+
+    results = {}
+    for backend in registry.kernel_backends("topk_mask", "wanda", torch.device("cpu")):
+        out = [wanda_mask(w, a, sparsity, backend=backend),
+               *contrastive_wanda_masks(w, a, va, b, vb, sparsity, backend=backend),
+               *contrastive_sparse_code_masks(w, a, va, b, vb, sparsity, backend=backend)]
+        if sparsity >= 0.5:
+            out += contrastive_sparse_masks(w, a, b, sparsity, backend=backend)
+        results[backend] = out
+    ref = results.pop("reference")
+    for backend, out in results.items():
+        for i, (got, want) in enumerate(zip(out, ref)):
+            assert got.dtype == torch.bool and torch.equal(got, want), (backend, i)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops import registry
 from ..ops.topk_mask import topk_mask
 
 GRANULARITIES = ("row", "layer", "nm")
@@ -30,8 +31,8 @@ def keep_count(n: int, sparsity: float) -> int:
     return int(n * (1.0 - check_sparsity(sparsity)))
 
 
-def wanda_score(weight: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """S_ij = |W_ij| * A_j, float32."""
+def _act32(weight: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """A per-input statistic checked against the weight, as float32 on its device."""
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if act.shape != (weight.shape[1],):
@@ -40,7 +41,18 @@ def wanda_score(weight: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
     a = act.to(device=weight.device, dtype=torch.float32)
     if not torch.isfinite(a).all():
         raise ValueError("activation statistic contains NaN/Inf (a persona with no calibration tokens?)")
-    return weight.detach().abs().to(torch.float32) * a
+    return a
+
+
+def wanda_score(weight: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| * A_j, float32."""
+    return weight.detach().abs().to(torch.float32) * _act32(weight, act)
+
+
+def row_kernel(fmt: str, weight: torch.Tensor, backend: str = "auto"):
+    """The per-row selection of a mask method with its scores computed in the same pass
+    (topk_mask formats 'wanda', 'contrastive_wanda', ...: reference and C++)."""
+    return registry.kernel("topk_mask", registry.resolve("topk_mask", backend, weight.device, fmt), fmt)
 
 
 def select(score: torch.Tensor, sparsity: float = 0.5, granularity: str = "row", n: int = 2, m: int = 4,
@@ -65,6 +77,8 @@ def select(score: torch.Tensor, sparsity: float = 0.5, granularity: str = "row",
 
 def wanda_mask(weight, act, sparsity=0.5, granularity="row", n=2, m=4, backend="auto") -> torch.Tensor:
     """Persona mask: keep the highest |W| * A (arXiv 2602.07164, Wanda's score)."""
+    if granularity == "row":
+        return row_kernel("wanda", weight, backend)(weight.detach(), _act32(weight, act), keep_count(weight.shape[1], sparsity))
     return select(wanda_score(weight, act), sparsity, granularity, n, m, backend)
 
 
@@ -115,6 +129,11 @@ def contrastive_wanda_masks(weight, mean_pos, var_pos, mean_neg, var_neg, sparsi
     if tie_break == "column":
         return (select(wanda_score(weight, g_pos), sparsity, granularity, n, m, backend, min_keep=1),
                 select(wanda_score(weight, g_neg), sparsity, granularity, n, m, backend, min_keep=1))
+    if granularity == "row":
+        a_pos, a_neg = mean_pos if act_pos is None else act_pos, mean_neg if act_neg is None else act_neg
+        return row_kernel("contrastive_wanda", weight, backend)(
+            weight.detach(), _act32(weight, g_pos), _act32(weight, g_neg), _act32(weight, a_pos), _act32(weight, a_neg),
+            keep_count(weight.shape[1], sparsity))
     tb_pos = wanda_score(weight, mean_pos if act_pos is None else act_pos)
     tb_neg = wanda_score(weight, mean_neg if act_neg is None else act_neg)
     return (select(wanda_score(weight, g_pos), sparsity, granularity, n, m, backend, tie_break=tb_pos),
@@ -129,13 +148,11 @@ def contrastive_sparse_masks(weight, act_pos, act_neg, sparsity=0.5, backend="au
     smallest D. Ties: + takes lower columns first, - takes higher columns first, so the two
     never meet: the masks are disjoint whenever 2k <= in, i.e. sparsity >= 0.5.
     """
-    s_pos, s_neg = wanda_score(weight, act_pos).double(), wanda_score(weight, act_neg).double()
-    d = (s_pos / s_pos.sum(1, keepdim=True).clamp_min(1e-300) - s_neg / s_neg.sum(1, keepdim=True).clamp_min(1e-300))
     k = keep_count(weight.shape[1], sparsity)
     if 2 * k > weight.shape[1]:
         raise ValueError(f"Contrastive-Sparse masks are disjoint, so each keeps at most half of a row: sparsity must "
                          f"be >= 0.5 (got {sparsity}, keeping {k} of {weight.shape[1]})")
-    return topk_mask(d, k, backend), topk_mask((-d).flip(1), k, backend).flip(1)
+    return row_kernel("contrastive_sparse", weight, backend)(weight.detach(), _act32(weight, act_pos), _act32(weight, act_neg), k)
 
 
 def contrastive_sparse_code_masks(weight, mean_pos, var_pos, mean_neg, var_neg, sparsity=0.5, backend="auto"):
@@ -149,11 +166,9 @@ def contrastive_sparse_code_masks(weight, mean_pos, var_pos, mean_neg, var_neg, 
     d = (mean_pos.double() - mean_neg.double()).abs() / (var_pos.double() + var_neg.double() + 1e-6).sqrt()
     if not torch.isfinite(d).all():
         raise ValueError("contrast is not finite (a persona with no calibration tokens?)")
-    score = weight.detach().float().abs() * d.to(device=weight.device, dtype=torch.float32)
-    k = keep_count(weight.shape[1], sparsity)
-    pos = topk_mask(score, k, backend)
     # where k > in / 2 the - mask runs out of finite scores and takes -inf (+ mask) entries: lowest columns first
-    return pos, topk_mask(score.masked_fill(pos, float("-inf")), k, backend)
+    return row_kernel("contrastive_sparse_code", weight, backend)(weight.detach(), d.to(device=weight.device, dtype=torch.float32),
+                                                                   keep_count(weight.shape[1], sparsity))
 
 
 def soft_gate(mask: torch.Tensor, gamma: float, dtype=torch.float32) -> torch.Tensor:

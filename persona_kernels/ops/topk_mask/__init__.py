@@ -18,9 +18,10 @@ def topk_mask(score: torch.Tensor, k: int, backend: str = "auto", tie_break: Opt
     """Boolean mask keeping the ``k`` highest scores of each row of ``score`` [R, n].
 
     Ties go to the lower column, or with ``tie_break`` (same shape) to the higher tie_break value
-    first, then the lower column (computed by the reference: ties are rare in the single-key case
-    that the kernels cover). ``backend``: 'auto', 'reference' or 'cpp'. Under torch.compile the call
-    goes through the torch.library op ``persona_kernels::topk_mask`` (ops/library.py).
+    first, then the lower column (the 'lex' kernels: reference and C++). ``backend``: 'auto',
+    'reference' or 'cpp'. Under torch.compile the call goes through the torch.library op
+    ``persona_kernels::topk_mask`` (ops/library.py). The mask methods' per-row selections, with
+    their scores computed in the same pass, are this op's other formats (masks/methods.py).
     """
     if not isinstance(score, torch.Tensor) or score.ndim != 2:
         raise ValueError(f"score must be a 2-D tensor [rows, n], got {getattr(score, 'shape', type(score).__name__)}")
@@ -33,7 +34,8 @@ def topk_mask(score: torch.Tensor, k: int, backend: str = "auto", tie_break: Opt
     if tie_break is not None:
         if not isinstance(tie_break, torch.Tensor) or tie_break.shape != score.shape or torch.isnan(tie_break).any():
             raise ValueError(f"tie_break must be a NaN-free tensor of the score's shape {tuple(score.shape)}")
-        return topk_mask_lex_reference(score, k, tie_break)
+        return registry.kernel("topk_mask", registry.resolve("topk_mask", backend, score.device, "lex"), "lex")(
+            score, k, tie_break.to(score.device))
     name = registry.resolve("topk_mask", backend, score.device)
     if torch.compiler.is_compiling():
         return torch.ops.persona_kernels.topk_mask(score, k, name)

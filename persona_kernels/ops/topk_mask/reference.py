@@ -26,6 +26,7 @@ def topk_mask_reference(score: torch.Tensor, k: int) -> torch.Tensor:
     return keep | (tie & (torch.cumsum(tie, 1, dtype=torch.int32) <= need))
 
 
+@register_kernel("topk_mask", "reference", "lex")
 def topk_mask_lex_reference(score: torch.Tensor, k: int, tie_break: torch.Tensor) -> torch.Tensor:
     """Keep the k largest of each row by (score desc, tie_break desc, column asc): where the k-th
     score is tied (e.g. many scores at 0), ``tie_break`` decides instead of the column."""
@@ -45,3 +46,41 @@ def topk_mask_lex_reference(score: torch.Tensor, k: int, tie_break: torch.Tensor
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=score.device).expand(len(rows), n))
         out[rows] = keep[rows] | (t & (rank < need[rows]))
     return out
+
+
+# ---- the mask methods' per-row selections, scores included (fused in the C++ kernels) ---------
+# Scores as masks/methods.py defines them: float32 |W| * v with v cast to float32 first.
+
+def _magnitude(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().abs().to(torch.float32)
+
+
+@register_kernel("topk_mask", "reference", "wanda")
+def topk_mask_wanda_reference(weight: torch.Tensor, act: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k of |W| * act per row."""
+    return topk_mask_reference(_magnitude(weight) * act, k)
+
+
+@register_kernel("topk_mask", "reference", "contrastive_wanda")
+def topk_mask_contrastive_wanda_reference(weight, g_pos, g_neg, a_pos, a_neg, k: int):
+    """(+, -): top-k of |W| * g, ties ordered by |W| * a (then the column)."""
+    m = _magnitude(weight)
+    return topk_mask_lex_reference(m * g_pos, k, m * a_pos), topk_mask_lex_reference(m * g_neg, k, m * a_neg)
+
+
+@register_kernel("topk_mask", "reference", "contrastive_sparse")
+def topk_mask_contrastive_sparse_reference(weight, a_pos, a_neg, k: int):
+    """(+, -): the k largest and the k smallest of D = S+ / sum(S+) - S- / sum(S-) per row (float64,
+    row sums left to right as cumsum gives them), + ties to the lower column, - to the higher."""
+    m = _magnitude(weight)
+    sp, sn = (m * a_pos).double(), (m * a_neg).double()
+    d = sp / sp.cumsum(1)[:, -1:].clamp_min(1e-300) - sn / sn.cumsum(1)[:, -1:].clamp_min(1e-300)
+    return topk_mask_reference(d, k), topk_mask_reference((-d).flip(1), k).flip(1)
+
+
+@register_kernel("topk_mask", "reference", "contrastive_sparse_code")
+def topk_mask_contrastive_sparse_code_reference(weight, contrast, k: int):
+    """(+, -): + the top-k of |W| * contrast, - the top-k after the + entries are set to -inf."""
+    score = _magnitude(weight) * contrast
+    pos = topk_mask_reference(score, k)
+    return pos, topk_mask_reference(score.masked_fill(pos, float("-inf")), k)
