@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -112,46 +113,41 @@ inline float absf(W v) {
   return std::fabs(static_cast<float>(v));
 }
 
-template <typename W>
-void wanda_rows(const W* w, const float* a, bool* keep, int64_t rows, int64_t n, int64_t k) {
+// Rows in parallel, each with its own selector and scratch rows: body(row weights, selector,
+// scratch, r) for every row r.
+template <typename T, typename W, typename Body>
+void for_each_row(const W* w, int64_t rows, int64_t n, int scratch_rows, Body body) {
 #pragma omp parallel
   {
-    RowSelect<float> sel;
-    std::vector<float> key(n);
+    RowSelect<T> sel;
+    std::vector<std::vector<T>> scratch(scratch_rows, std::vector<T>(n));
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const W* wr = w + r * n;
-      for (int64_t j = 0; j < n; ++j) key[j] = absf(wr[j]) * a[j];
-      sel(key.data(), nullptr, false, n, k, keep + r * n);
-    }
+    for (int64_t r = 0; r < rows; ++r) body(w + r * n, sel, scratch, r);
   }
+}
+
+template <typename W>
+void wanda_rows(const W* w, const float* a, bool* keep, int64_t rows, int64_t n, int64_t k) {
+  for_each_row<float>(w, rows, n, 1, [&](const W* wr, RowSelect<float>& sel, auto& s, int64_t r) {
+    for (int64_t j = 0; j < n; ++j) s[0][j] = absf(wr[j]) * a[j];
+    sel(s[0].data(), nullptr, false, n, k, keep + r * n);
+  });
 }
 
 // Contrastive-Wanda: keys |W| g+ and |W| g-; ties (relu(z) = 0) by the persona's |W| A, then column.
 template <typename W>
 void contrastive_wanda_rows(const W* w, const float* gp, const float* gn, const float* ap, const float* an, bool* kp,
                             bool* kn, int64_t rows, int64_t n, int64_t k) {
-#pragma omp parallel
-  {
-    RowSelect<float> sel;
-    std::vector<float> key(n), second(n);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const W* wr = w + r * n;
+  for_each_row<float>(w, rows, n, 2, [&](const W* wr, RowSelect<float>& sel, auto& s, int64_t r) {
+    for (const auto& [g, a, out] : {std::tuple{gp, ap, kp}, std::tuple{gn, an, kn}}) {
       for (int64_t j = 0; j < n; ++j) {
         const float m = absf(wr[j]);
-        key[j] = m * gp[j];
-        second[j] = m * ap[j];
+        s[0][j] = m * g[j];
+        s[1][j] = m * a[j];
       }
-      sel(key.data(), second.data(), false, n, k, kp + r * n);
-      for (int64_t j = 0; j < n; ++j) {
-        const float m = absf(wr[j]);
-        key[j] = m * gn[j];
-        second[j] = m * an[j];
-      }
-      sel(key.data(), second.data(), false, n, k, kn + r * n);
+      sel(s[0].data(), s[1].data(), false, n, k, out + r * n);
     }
-  }
+  });
 }
 
 // Contrastive-Sparse: D = S+ / sum(S+) - S- / sum(S-) in float64 (sums left to right); + keeps the
@@ -159,49 +155,35 @@ void contrastive_wanda_rows(const W* w, const float* gp, const float* gn, const 
 template <typename W>
 void contrastive_sparse_rows(const W* w, const float* ap, const float* an, bool* kp, bool* kn, int64_t rows, int64_t n,
                              int64_t k) {
-#pragma omp parallel
-  {
-    RowSelect<double> sel;
-    std::vector<double> sp(n), sn(n), d(n);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const W* wr = w + r * n;
-      double tp = 0.0, tn = 0.0;
-      for (int64_t j = 0; j < n; ++j) {
-        const float m = absf(wr[j]);
-        sp[j] = static_cast<double>(m * ap[j]);
-        sn[j] = static_cast<double>(m * an[j]);
-        tp += sp[j];
-        tn += sn[j];
-      }
-      tp = std::max(tp, 1e-300);
-      tn = std::max(tn, 1e-300);
-      for (int64_t j = 0; j < n; ++j) d[j] = sp[j] / tp - sn[j] / tn;
-      sel(d.data(), nullptr, false, n, k, kp + r * n);
-      for (int64_t j = 0; j < n; ++j) d[j] = -d[j];
-      sel(d.data(), nullptr, true, n, k, kn + r * n);
+  for_each_row<double>(w, rows, n, 3, [&](const W* wr, RowSelect<double>& sel, auto& s, int64_t r) {
+    double tp = 0.0, tn = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const float m = absf(wr[j]);
+      s[0][j] = static_cast<double>(m * ap[j]);
+      s[1][j] = static_cast<double>(m * an[j]);
+      tp += s[0][j];
+      tn += s[1][j];
     }
-  }
+    tp = std::max(tp, 1e-300);
+    tn = std::max(tn, 1e-300);
+    for (int64_t j = 0; j < n; ++j) s[2][j] = s[0][j] / tp - s[1][j] / tn;
+    sel(s[2].data(), nullptr, false, n, k, kp + r * n);
+    for (int64_t j = 0; j < n; ++j) s[2][j] = -s[2][j];
+    sel(s[2].data(), nullptr, true, n, k, kn + r * n);
+  });
 }
 
 // The released Contrastive-Sparse: one score |W| c; + its top-k, - the top-k of the rest (the +
 // entries at -inf, so past half a row - takes them back, lowest columns first).
 template <typename W>
 void contrastive_sparse_code_rows(const W* w, const float* c, bool* kp, bool* kn, int64_t rows, int64_t n, int64_t k) {
-#pragma omp parallel
-  {
-    RowSelect<float> sel;
-    std::vector<float> key(n);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const W* wr = w + r * n;
-      for (int64_t j = 0; j < n; ++j) key[j] = absf(wr[j]) * c[j];
-      bool* p = kp + r * n;
-      sel(key.data(), nullptr, false, n, k, p);
-      for (int64_t j = 0; j < n; ++j) key[j] = p[j] ? -std::numeric_limits<float>::infinity() : key[j];
-      sel(key.data(), nullptr, false, n, k, kn + r * n);
-    }
-  }
+  for_each_row<float>(w, rows, n, 1, [&](const W* wr, RowSelect<float>& sel, auto& s, int64_t r) {
+    for (int64_t j = 0; j < n; ++j) s[0][j] = absf(wr[j]) * c[j];
+    bool* p = kp + r * n;
+    sel(s[0].data(), nullptr, false, n, k, p);
+    for (int64_t j = 0; j < n; ++j) s[0][j] = p[j] ? -std::numeric_limits<float>::infinity() : s[0][j];
+    sel(s[0].data(), nullptr, false, n, k, kn + r * n);
+  });
 }
 
 template <typename F>

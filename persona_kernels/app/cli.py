@@ -14,15 +14,7 @@ def load_texts(args) -> dict:
     from .. import data
 
     if args.texts:
-        out = {}
-        for item in args.texts:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"--texts expects NAME=PATH, got {item!r}")
-            if name in out:
-                raise ValueError(f"--texts names persona {name!r} twice; give each persona one file")
-            out[name] = data.load_text_lines(path)
-        return out
+        return {name: data.load_text_lines(path) for name, path in named_paths(args.texts, "--texts", "NAME=PATH").items()}
     if args.csv:
         pos, neg = _two_personas(args.personas or "matching,not_matching")
         if getattr(args, "plain_texts", False):
@@ -41,6 +33,19 @@ def load_texts(args) -> dict:
 
         return builtin_calibration_texts()
     return data.builtin_pair(args.builtin)
+
+
+def named_paths(items, flag: str, form: str) -> dict:
+    """{name: path} from repeated ``NAME=PATH`` arguments; a name given twice is an error."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} expects {form}, got {item!r}")
+        if name in out:
+            raise ValueError(f"{flag} names persona {name!r} twice; give each persona one")
+        out[name] = path
+    return out
 
 
 def _two_personas(spec: str) -> tuple[str, str]:
@@ -419,14 +424,7 @@ def cmd_import_masks(args) -> int:
 
     if not args.checkpoint:
         raise ValueError("import-masks needs at least one --checkpoint PERSONA=DIR")
-    checkpoints = {}
-    for item in args.checkpoint:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--checkpoint expects PERSONA=DIR, got {item!r}")
-        if name in checkpoints:
-            raise ValueError(f"--checkpoint names persona {name!r} twice")
-        checkpoints[name] = path
+    checkpoints = named_paths(args.checkpoint, "--checkpoint", "PERSONA=DIR")
     model, _ = load_model(args.model, args.dtype, args.device)
     store = import_masks(model, checkpoints, tolerance=args.tolerance)
     path = store.save(_out(args, "masks-imported.safetensors"))
