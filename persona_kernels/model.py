@@ -182,7 +182,32 @@ def _row_personas(h: "PersonaHandle", rows: int, device) -> object:
     return h.batch.to(device).repeat_interleave(rows // B)
 
 
-class MaskedLinear(_OriginalKeys):
+class _WatchesWeights(_OriginalKeys):
+    """Mixin of the masked wrappers, whose formats hold copies of the base's weights: an in-place
+    edit of those weights after apply() is caught by the tensors' version counters. A copy
+    (deepcopy, pickle) gets fresh tensors with new counters, so it carries whether an edit had
+    happened, not the counters."""
+
+    def _watched(self) -> tuple:
+        raise NotImplementedError
+
+    def _watch(self) -> None:
+        self._versions = tuple(t._version for t in self._watched())
+
+    def _edited(self) -> bool:
+        return self._versions != tuple(t._version for t in self._watched())
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_versions"] = not self._edited()
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._watch() if state["_versions"] is True else setattr(self, "_versions", None)
+
+
+class MaskedLinear(_WatchesWeights):
     """A persona-masked stand-in for nn.Linear / Conv1D; ``base`` is the untouched original."""
 
     _pk_wrapper = True
@@ -195,22 +220,14 @@ class MaskedLinear(_OriginalKeys):
         self._handle, self._kind = handle, kind
         self._weight = _PersonaWeight(fmt, kind, backend, self.out_features)
         self._bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
-        self._weight_version = base.weight._version  # the formats hold copies: later in-place edits are caught
+        self._watch()
+
+    def _watched(self) -> tuple:
+        return (self.base.weight,)
 
     @property
     def _fmt(self):
         return self._weight._fmt
-
-    def __getstate__(self):
-        # a copy (deepcopy, pickle) gets fresh weight tensors with new version counters: carry
-        # whether the weights were already edited, not the counter
-        state = super().__getstate__()
-        state["_weight_version"] = self.base.weight._version == self._weight_version
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._weight_version = self.base.weight._version if state["_weight_version"] is True else -1
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self._kind}, "
@@ -220,7 +237,7 @@ class MaskedLinear(_OriginalKeys):
         h = self._handle
         if h.batch is None and h.current is None:
             return self.base(x)
-        if not torch.compiler.is_compiling() and self.base.weight._version != self._weight_version:
+        if not torch.compiler.is_compiling() and self._edited():
             raise PersonaError("the weight of a masked layer was modified in place after apply() (load_state_dict, an "
                                "optimizer step, ...): its persona formats hold the old values. Call remove() and apply() "
                                "again to use the new weights")
@@ -356,7 +373,7 @@ class InducedActivation(_OriginalKeys):
         return self._induction(self.base, x)
 
 
-class PersonaExperts(_OriginalKeys):
+class PersonaExperts(_WatchesWeights):
     """A fused-experts module (moe.py) under the persona layer: persona masks on its routed
     experts' projections (one _PersonaWeight per expert projection) and/or NPTI induction on
     their activations, computed through moe.experts_forward. In a mixed batch each token
@@ -371,19 +388,10 @@ class PersonaExperts(_OriginalKeys):
         self._handle = handle
         self.weights: dict = {}      # (param, expert) -> _PersonaWeight
         self.inductions: dict = {}   # expert -> _Induction
-        self._versions = self._weight_versions()
+        self._watch()
 
-    def _weight_versions(self) -> tuple:
-        return tuple(getattr(self.base, p)._version for p in EXPERT_PARAMS)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_versions"] = self._weight_versions() == self._versions  # see MaskedLinear.__getstate__
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._versions = self._weight_versions() if state["_versions"] is True else (-1, -1)
+    def _watched(self) -> tuple:
+        return tuple(getattr(self.base, p) for p in EXPERT_PARAMS)
 
     def extra_repr(self) -> str:
         return f"masked expert projections={len(self.weights)}, induced experts={len(self.inductions)}"
@@ -393,7 +401,7 @@ class PersonaExperts(_OriginalKeys):
         masked = bool(self.weights) and not (h.batch is None and h.current is None)
         if not masked and not self.inductions:
             return self.base(*args, **kwargs)
-        if masked and not torch.compiler.is_compiling() and self._weight_versions() != self._versions:
+        if masked and not torch.compiler.is_compiling() and self._edited():
             raise PersonaError("the expert weights of a masked layer were modified in place after apply(); its persona "
                                "formats hold the old values. Call remove() and apply() again")
         personas = {}

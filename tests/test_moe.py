@@ -155,3 +155,15 @@ def test_masks_and_npti_on_the_same_experts_and_export(tmp_path):
     path = pk.export(model, store, "b", tmp_path / "b")
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()
     torch.testing.assert_close(_logits(loaded, tok), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_weights_edited_after_apply_are_an_error():
+    model, tok = tiny_causal_lm("qwen3_moe", seed=6), char_tokenizer()
+    store = build_masks(model, calibrate(model, tok, TEXTS, progress=False), sparsity=0.5)
+    pk.apply(model, store, persona="a")
+    _logits(copy.deepcopy(model), tok)  # a copy is not an edit
+    with torch.no_grad():
+        expert_modules(model)[0][1].down_proj.mul_(2.0)
+    with pytest.raises(pk.model.PersonaError, match="modified in place"):
+        _logits(model, tok)
+    pk.remove(model)
