@@ -30,12 +30,16 @@ from persona_kernels.hf import padded_inputs  # noqa: E402
 from common import machine, print_table, save_bar_plot  # noqa: E402
 
 
-def _texts(n: int) -> dict:
+def _texts(n: int, join: int = 4) -> dict:
+    """n texts per persona, each ``join`` of the built-in texts (and neutral ones) run together:
+    about 70 tokens a text on SmolLM2, as in a calibration set of question/answer pairs."""
     pair = builtin_pair("power")
-    pos, neg = (list(v) for v in pair.values())
     pool = neutral_texts()
-    grow = lambda base: [(base + pool)[i % len(base + pool)] for i in range(n)]  # noqa: E731
-    return {"power": grow(pos), "humble": grow(neg)}
+
+    def grow(base):
+        items = list(base) + pool
+        return [" ".join(items[(i * join + j) % len(items)] for j in range(join)) for i in range(n)]
+    return {name: grow(texts) for name, texts in zip(("power", "humble"), pair.values())}
 
 
 @torch.inference_mode()

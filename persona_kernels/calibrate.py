@@ -18,7 +18,7 @@ from .fingerprint import architecture, check_fingerprint, model_fingerprint
 from .hf import max_positions, padded_inputs, set_module
 from .io import load_artifact, save_artifact
 from .moe import ACT, experts_forward, slot_weight
-from .ops.accumulate_stats import NonFiniteActivationError, accumulate_stats
+from .ops.accumulate_stats import NonFiniteActivationError, PendingStats
 from .prompts import PromptFormat
 from .sites import KINDS, Site, check_supported, discover_sites
 from .stats import StatsConfig, StatsState, compact
@@ -220,6 +220,7 @@ class _Collector:
     def __init__(self, model: nn.Module, sites: list[Site], num_personas: int, cfg: CalibrationConfig):
         self.sites, self.cfg, self.P = sites, cfg, num_personas
         self.stats: dict[str, StatsState] = {}
+        self.pending: dict[str, PendingStats] = {}
         self.valid: Optional[torch.Tensor] = None
         self.segments: Optional[torch.Tensor] = None
         self.enabled = True
@@ -306,16 +307,21 @@ class _Collector:
         self._accumulate(site, packed, valid)
 
     def _accumulate(self, site: Site, x: torch.Tensor, valid: torch.Tensor) -> None:
-        state = self.stats.get(site.name)
-        if state is None:
+        pending = self.pending.get(site.name)
+        if pending is None:
             hist = site.kind in self.cfg.histogram_kinds
             cfg = StatsConfig(self.P, histogram=hist, edges=self.cfg.edges if hist else None)
-            state = self.stats[site.name] = StatsState.empty(x.shape[-1], cfg, device=x.device)
+            self.stats[site.name] = StatsState.empty(x.shape[-1], cfg, device=x.device)
+            pending = self.pending[site.name] = PendingStats(self.stats[site.name], self.cfg.backend)
         try:
-            accumulate_stats(x.detach(), state, valid=valid, segment_ids=self.segments.to(x.device),
-                             backend=self.cfg.backend)
+            pending.add(x.detach(), valid, self.segments.to(x.device))
         except NonFiniteActivationError as exc:
             raise NonFiniteActivationError(f"site {site.name}: {exc}") from exc
+
+    def flush(self) -> None:
+        """Fold every site's pending partials into its state (stage 2, once for many batches)."""
+        for pending in self.pending.values():
+            pending.flush()
 
     def remove(self):
         for h in self.handles:
@@ -444,6 +450,7 @@ def calibrate(model: nn.Module, tokenizer, texts_by_persona: Mapping[str, Sequen
                 model(input_ids=ids, **padded_inputs(model, attn), use_cache=False)
             else:
                 _forward_with_generation(model, tokenizer, collector, ids, attn, cfg)
+        collector.flush()
     finally:
         collector.remove()
         model.train(was_training)

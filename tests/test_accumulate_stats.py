@@ -232,3 +232,27 @@ def test_missing_backend_is_a_clear_error():
 def test_empty_input_is_a_noop():
     state = pk.accumulate_stats(torch.randn(0, 5, 4))
     assert state.count.tolist() == [0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pending_stats_equal_call_by_call(backend):
+    """PendingStats defers stage 2 over many calls (and flushes by size): the same statistics as
+    accumulating each call, counts and histograms exactly; a NaN is refused at its own call."""
+    from persona_kernels.ops.accumulate_stats import PendingStats
+
+    cfg = StatsConfig(num_personas=3, histogram=True)
+    direct = StatsState.empty(37, cfg)
+    deferred = PendingStats(StatsState.empty(37, cfg), backend=backend, max_rows=7)  # flushes in between too
+    for seed in range(6):
+        x, valid, seg = _inputs((4, 9 + seed, 37), torch.float32, 3, seed=seed)
+        pk.accumulate_stats(x, direct, valid=valid, segment_ids=seg, backend=backend)
+        deferred.add(x, valid, seg)
+    bad = torch.full((1, 3, 37), math.nan)
+    with pytest.raises(NonFiniteActivationError):
+        deferred.add(bad, torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, dtype=torch.int64))
+    got = deferred.flush()
+    for k, t in direct.tensors().items():
+        if k in EXACT:
+            assert torch.equal(getattr(got, k), t), k
+        else:
+            torch.testing.assert_close(getattr(got, k), t, rtol=1e-9, atol=1e-9, msg=lambda m: f"{k}: {m}")

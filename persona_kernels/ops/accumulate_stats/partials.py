@@ -8,6 +8,7 @@ written once, not once per backend.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -31,16 +32,23 @@ class Chunks:
 
     @classmethod
     def split(cls, num_samples: int, tokens: int, rows_per_chunk: int, sample_persona: torch.Tensor) -> "Chunks":
-        per_sample = max(1, math.ceil(tokens / rows_per_chunk))
-        dev = sample_persona.device
-        sample = torch.arange(num_samples, device=dev).repeat_interleave(per_sample)
-        j = torch.arange(per_sample, device=dev).repeat(num_samples)
-        start = sample * tokens + j * rows_per_chunk
-        length = (tokens - j * rows_per_chunk).clamp(max=rows_per_chunk)
+        start, length, sample = _layout(num_samples, tokens, rows_per_chunk, sample_persona.device)
         return cls(start, length, sample, sample_persona[sample])
 
     def __len__(self) -> int:
         return self.start.numel()
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(num_samples: int, tokens: int, rows_per_chunk: int, device: torch.device) -> tuple:
+    """(start, length, sample) of the chunks of a [num_samples, tokens] activation: the same for
+    every call of that shape (a calibration run repeats a few shapes many times), so cached."""
+    per_sample = max(1, math.ceil(tokens / rows_per_chunk))
+    sample = torch.arange(num_samples, device=device).repeat_interleave(per_sample)
+    j = torch.arange(per_sample, device=device).repeat(num_samples)
+    start = sample * tokens + j * rows_per_chunk
+    length = (tokens - j * rows_per_chunk).clamp(max=rows_per_chunk)
+    return start, length, sample
 
 
 @dataclass
@@ -60,6 +68,9 @@ class Partials:
     hist: Optional[torch.Tensor] = None  # [P, C, bins] counts of this call
 
 
+PARTIAL_FIELDS = ("sum", "mean", "m2", "sumsq", "sumabs", "pos", "min", "max", "absmax")
+
+
 def valid_counts(chunks: Chunks, row_valid: torch.Tensor) -> torch.Tensor:
     """Valid tokens per chunk, from the flat [R] validity mask."""
     cs = torch.zeros(row_valid.numel() + 1, dtype=torch.int64, device=row_valid.device)
@@ -74,8 +85,11 @@ MAX_ABS_ACTIVATION = 1e15
 
 
 def nonfinite_channels(p: Partials) -> torch.Tensor:
-    """Channels with a NaN or Inf input (it poisons its chunk's sums) or an |x| above MAX_ABS_ACTIVATION."""
-    bad = ~torch.isfinite(p.sum) | ~torch.isfinite(p.sumsq) | (p.absmax > MAX_ABS_ACTIVATION)
+    """Channels with a NaN or Inf input (it poisons its chunk's sum) or an |x| above
+    MAX_ABS_ACTIVATION (an Inf's absmax is above it too; below it no sum of squares overflows)."""
+    bad = ~torch.isfinite(p.sum) | (p.absmax > MAX_ABS_ACTIVATION)
+    if not bool(bad.any()):  # the common case: one reduction, no index work
+        return bad.new_zeros(0, dtype=torch.int64)
     return bad.any(0).nonzero().flatten()
 
 
@@ -141,9 +155,11 @@ def empty_partials(chunks: Chunks, num_channels: int, device, hist_shape: Option
     chunk means keep the precision stage 2's merge needs when |mean| >> std.
     """
     shape = (len(chunks), num_channels)
-    f = lambda dt=torch.float32: new_output(shape, dt, device, fill=1.2345e6)  # noqa: E731
-    return Partials(
-        chunks=chunks, sum=f(), mean=f(mean_dtype), m2=f(), sumsq=f(), sumabs=f(), pos=new_output(shape, torch.int32, device, fill=-777),
-        min=f(), max=f(), absmax=f(),
-        hist=None if hist_shape is None else torch.zeros(hist_shape, dtype=torch.int32, device=device),
-    )
+    # the float32 fields are views of one allocation: an allocation costs more than a small kernel
+    names = [f for f in PARTIAL_FIELDS if f != "pos" and not (f == "mean" and mean_dtype != torch.float32)]
+    block = new_output((len(names), *shape), torch.float32, device, fill=1.2345e6)
+    fields = dict(zip(names, block.unbind(0)))
+    if "mean" not in fields:
+        fields["mean"] = new_output(shape, mean_dtype, device, fill=1.2345e6)
+    return Partials(chunks=chunks, **fields, pos=new_output(shape, torch.int32, device, fill=-777),
+                    hist=None if hist_shape is None else torch.zeros(hist_shape, dtype=torch.int32, device=device))
