@@ -1,4 +1,5 @@
-"""Benchmark: building one persona mask (score + per-row top-k) for a 14336x4096 layer.
+"""Benchmark: building the masks of every method (scores + per-row top-k, fused in the C++
+kernels) for a 14336x4096 layer, reference against C++.
 
   python benchmarks/bench_masks.py [--quick]
 """
@@ -12,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from persona_kernels.masks import contrastive_sparse_masks, contrastive_wanda_masks, wanda_mask  # noqa: E402
+from persona_kernels.masks.methods import contrastive_sparse_code_masks  # noqa: E402
 
 from common import machine, print_table, time_fn  # noqa: E402
 
@@ -25,20 +27,25 @@ def main(argv=None):
     a, b = torch.rand(in_f, dtype=torch.float64), torch.rand(in_f, dtype=torch.float64)
     dev = torch.device("cpu")
     rows = []
-    for backend in ("reference", "cpp", "auto"):
-        try:
-            wanda_mask(w[:4], a, backend=backend)
-        except Exception as exc:  # noqa: BLE001
-            print(f"{backend}: unavailable ({exc})")
-            continue
-        t = time_fn(lambda: wanda_mask(w, a, 0.5, backend=backend), dev, warmup=1, reps=3)
-        rows.append(dict(op="wanda row top-k", backend=backend, shape=f"{out_f}x{in_f}", seconds=f"{t:.3f}"))
-    t = time_fn(lambda: contrastive_wanda_masks(w, a, a * 0.1, b, b * 0.1, 0.5), dev, warmup=1, reps=3)
-    rows.append(dict(op="contrastive-wanda (2 masks)", backend="auto", shape=f"{out_f}x{in_f}", seconds=f"{t:.3f}"))
-    t = time_fn(lambda: contrastive_sparse_masks(w, a, b, 0.5), dev, warmup=1, reps=3)
-    rows.append(dict(op="contrastive-sparse (2 masks)", backend="auto", shape=f"{out_f}x{in_f}", seconds=f"{t:.3f}"))
+    va, vb = a * 0.1, b * 0.1
+    methods = {
+        "wanda (1 mask)": lambda be: wanda_mask(w, a, 0.5, backend=be),
+        "contrastive-wanda (2 masks)": lambda be: contrastive_wanda_masks(w, a, va, b, vb, 0.5, backend=be),
+        "contrastive-sparse (2 masks)": lambda be: contrastive_sparse_masks(w, a, b, 0.5, backend=be),
+        "contrastive-sparse, released (2 masks)": lambda be: contrastive_sparse_code_masks(w, a, va, b, vb, 0.5, backend=be),
+    }
+    for op, build in methods.items():
+        base = None
+        for backend in ("reference", "cpp"):
+            try:
+                t = time_fn(lambda: build(backend), dev, warmup=1, reps=3)
+            except Exception as exc:  # noqa: BLE001
+                print(f"{op} {backend}: unavailable ({exc})")
+                continue
+            base = base or t
+            rows.append(dict(op=op, backend=backend, shape=f"{out_f}x{in_f}", seconds=f"{t:.3f}", vs_reference=f"{base / t:.2f}x"))
     print(f"# mask building on {machine()}")
-    print_table(rows, ["op", "backend", "shape", "seconds"])
+    print_table(rows, ["op", "backend", "shape", "seconds", "vs_reference"])
     return rows
 
 
