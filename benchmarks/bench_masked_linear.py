@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -50,14 +51,20 @@ def make_formats(w: torch.Tensor, sparsity: float, device):
     return out
 
 
-def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=print, formats=None, dispatched=False):
+def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=print, formats=None, dispatched=False,
+        deadline=None):
     """Rows per (shape, sparsity, batch, format, backend); ``dispatched`` adds backend 'auto' (the
-    dispatcher's route, what a persona model runs) for each format."""
+    dispatcher's route, what a persona model runs) for each format. ``deadline`` (a
+    time.perf_counter() value): the (shape, sparsity) cases not started by then are left out
+    and logged, so a time-boxed GPU run keeps what it measured."""
     rows = []
     for (o, i) in shapes:
         w = torch.randn(o, i, dtype=dtype, device=device)
         dense_bytes = w.numel() * w.element_size()
         for s in sparsities:
+            if deadline is not None and time.perf_counter() > deadline:
+                log(f"{o}x{i} s={s:.0%}: left out (time budget spent)")
+                continue
             fmts = make_formats(w, s, device)
             for b in batches:
                 x = torch.randn(b, i, dtype=dtype, device=device)
