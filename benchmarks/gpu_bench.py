@@ -48,7 +48,7 @@ def plan(dry: bool) -> dict:
                 stats_shapes=[(16384, 4096), (16384, 14336)], stats_backends=["cuda", "triton"], ml_backends=None,
                 ml_shapes=bench_masked_linear.LLAMA3_8B, sparsities=[0.3, 0.5, 0.7, 0.9], batches=[1, 4, 16, 64],
                 induce_shapes=[(1, 14336), (16, 14336), (2048, 14336)], e2e_layers=4, e2e_quick=False, e2e_tokens=64,
-                e2e_sparsities=[0.5, 0.7])
+                e2e_sparsities=[0.5, 0.7, 0.9])
 
 
 def ceilings(p: dict) -> dict:
@@ -70,6 +70,75 @@ def masked_linear(p: dict, deadline: float) -> list[dict]:
     return bench_masked_linear.run(p["ml_shapes"], p["sparsities"], p["batches"], p["dtype"], p["device"], p["ml_backends"],
                                    formats=["bitmap", "shared_bitmask", "compacted", "block"], dispatched=True,
                                    log=lambda *a: print(*a, flush=True), deadline=deadline)
+
+
+def profile_accumulate(p: dict) -> list[dict]:
+    """Where one accumulate_stats call's device time goes, per backend: the profiler's kernels
+    (name, calls, total us), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import persona_kernels as pk
+
+    dev = torch.device(p["device"])
+    n, c = p["stats_shapes"][0]
+    x = torch.randn(1, n, c, device=dev).to(p["dtype"])
+    rows = []
+    for name in p["stats_backends"]:
+        state = pk.StatsState.empty(c, pk.StatsConfig(), device=dev)
+        for _ in range(2):
+            pk.accumulate_stats(x, state, backend=name)
+        sync_all = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)  # noqa: E731
+        sync_all()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            pk.accumulate_stats(x, state, backend=name)
+            sync_all()
+        attr = "device_time_total" if dev.type == "cuda" else "cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr, 0.0))
+        top = [{"name": e.key[:90], "calls": e.count, "us": round(getattr(e, attr, 0.0), 1)} for e in events[:12]]
+        rows.append({"backend": name, "shape": f"{n}x{c}", "top": top})
+        print(f"[profile accumulate_stats {name} {n}x{c}]")
+        for t in top:
+            print(f"  {t['us']:>10.1f} us  x{t['calls']:<4} {t['name']}")
+    return rows
+
+
+def bitmap_knobs(p: dict) -> list[dict]:
+    """The bitmap CUDA kernel's launch knobs at decode batches, for tuning its heuristics."""
+    from persona_kernels import _native
+    from persona_kernels.formats import BitmapWeight
+    from persona_kernels.ops.masked_linear.cuda import bitmap_linear_config
+
+    if p["device"] != "cuda" or _native.load("cuda") is None:
+        return []
+    mod = _native.require("cuda")
+    dev = torch.device("cuda")
+    rows = []
+    for (o, i) in [(14336, 4096), (4096, 14336)]:
+        w = torch.randn(o, i, dtype=p["dtype"], device=dev)
+        t_dense = {}
+        for s in (0.5, 0.7, 0.9):
+            keep = torch.rand(o, i, device=dev) >= s
+            fmt = BitmapWeight.from_dense(w, keep)
+            for b in (1, 4):
+                x = torch.randn(b, i, dtype=p["dtype"], device=dev)
+                if b not in t_dense:
+                    t_dense[b] = time_fn(lambda: torch.nn.functional.linear(x, w), dev)
+                y = torch.empty(b, o, dtype=p["dtype"], device=dev)
+                for threads in (0, 128, 256, 512):
+                    for rpp in (0, 1):
+                        if rpp and b == 1:
+                            continue
+                        run = lambda: mod.bitmap_linear(x, fmt.values, fmt.bitmap, fmt.row_ptr, None, y, rpp, threads, False)  # noqa: E731
+                        t = time_fn(run, dev)
+                        cfg = bitmap_linear_config(x, fmt, rpp, threads)
+                        r = {"shape": f"{o}x{i}", "sparsity": s, "batch": b, "threads": threads, "rows_per_pass": rpp,
+                             "us": round(t * 1e6, 2), "dense_us": round(t_dense[b] * 1e6, 2),
+                             "of_ideal": round((t_dense[b] / t) / (w.numel() * w.element_size() / fmt.nbytes()), 3),
+                             "cfg": {k: cfg[k] for k in ("threads", "rows_per_pass", "x_mode", "grid", "blocks_per_sm")}}
+                        rows.append(r)
+                        print(f"[bitmap knobs] {r}", flush=True)
+    return rows
 
 
 def induce(p: dict, copy_GBps: float) -> list[dict]:
@@ -239,6 +308,8 @@ def main(argv=None) -> int:
     copy = (res["ceilings"] or {}).get("copy_GBps", 1.0)
     res["induce_neurons"] = section("induce_neurons", lambda: induce(p, copy))
     res["e2e"] = section("e2e", lambda: e2e(p))
+    res["profile_accumulate_stats"] = section("profile_accumulate_stats", lambda: profile_accumulate(p))
+    res["bitmap_knobs"] = section("bitmap_knobs", lambda: bitmap_knobs(p))
     res["masked_linear"] = section("masked_linear", lambda: masked_linear(p, start + args.budget_s))
     if res["masked_linear"]:
         res["crossover"] = gpu_crossover(res["masked_linear"], p["dtype"], dispatch.device_class(torch.device(p["device"])))

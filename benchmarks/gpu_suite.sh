@@ -4,7 +4,7 @@
 # Everything lands under $OUT (at most 8 files): env.txt, build.log, tests.log, bench.log,
 # gpu_results.json, gpu_table.md, crossover_gpu.json and the built _C_cuda*.so (a rerun in the
 # same session carries it back and sets GPU_SUITE_PREBUILT=1). The short table is printed last.
-# GPU_SUITE_TESTS overrides the test files; GPU_SUITE_{BUILD,TEST,BENCH}_S the time limits.
+# GPU_SUITE_TESTS overrides the test files (GPU_SUITE_SKIP_TESTS=1 skips them); GPU_SUITE_{BUILD,TEST,BENCH}_S the time limits.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh          # on the GPU machine (about 8 minutes at most)
 #   GPU_SUITE_DRY=1 bash benchmarks/gpu_suite.sh       # CPU dry run: no build, interpreter, tiny shapes
@@ -54,19 +54,23 @@ else
       echo "BUILD FAILED; last lines of build.log:"; grep -n "error" "$OUT/build.log" | head -20; tail -30 "$OUT/build.log"; status=1
     fi
     # the built module comes back with the results, so that a rerun can skip the build
-    cp persona_kernels/_C_cuda*.so "$OUT/" 2>/dev/null
+    for f in persona_kernels/_C_cuda*.so; do strip -g -o "$OUT/$(basename "$f")" "$f" 2>/dev/null || cp "$f" "$OUT/"; done
   fi
   cat persona_kernels/_native_build.json 2>/dev/null
   read -ra TESTS <<< "${GPU_SUITE_TESTS:-tests/test_gpu_kernels.py tests/test_masked_linear.py tests/test_library.py}"
 fi
 
-step "tests: ${TESTS[*]}"
-timeout_flag=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=120)
-timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -rfE -p no:cacheprovider "${timeout_flag[@]}" "${TESTS[@]}" > "$OUT/tests.log" 2>&1
-rc=$?
-tail -25 "$OUT/tests.log"
-[ $rc -eq 0 ] || { echo "TESTS FAILED (exit $rc; 124 = out of time): see tests.log"; status=1; }
+if [ "${GPU_SUITE_SKIP_TESTS:-0}" = 1 ]; then
+  echo "tests skipped (GPU_SUITE_SKIP_TESTS=1: a rerun after a call that ran them)" | tee "$OUT/tests.log"
+else
+  step "tests: ${TESTS[*]}"
+  timeout_flag=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=120)
+  timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -rfE -p no:cacheprovider "${timeout_flag[@]}" "${TESTS[@]}" > "$OUT/tests.log" 2>&1
+  rc=$?
+  tail -25 "$OUT/tests.log"
+  [ $rc -eq 0 ] || { echo "TESTS FAILED (exit $rc; 124 = out of time): see tests.log"; status=1; }
+fi
 
 step "benchmarks"
 timeout "$BENCH_TIMEOUT" "$PY" benchmarks/gpu_bench.py --out "$OUT" --budget-s $((BENCH_TIMEOUT - 60)) > "$OUT/bench.log" 2>&1

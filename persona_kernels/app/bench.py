@@ -21,16 +21,18 @@ from ..masks.methods import select
 
 def magnitude_masks(model: nn.Module, sparsity: float, personas: Sequence[str] = ("a", "b"), seed: int = 0) -> MaskStore:
     """Per-row top-k masks of |W| (+ a little noise per persona so personas differ) for every linear layer."""
-    g = torch.Generator().manual_seed(seed)
+    gens: dict = {}  # one generator per device: the scores are made where the weight lives (a GPU's 8B layers take seconds on a CPU)
     out = {p: {} for p in personas}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, m in model.named_modules():
         if linear_shape(m) is None or m is head or getattr(m, "_pk_wrapper", False):
             continue
-        w = linear_weight(m).detach().float().abs().cpu()
+        w = linear_weight(m).detach().float().abs()
+        if w.device not in gens:
+            gens[w.device] = torch.Generator(device=w.device).manual_seed(seed)
         for p in personas:
-            noise = 1 + 0.05 * torch.rand(w.shape, generator=g)
-            out[p][name] = select(w * noise, sparsity)
+            noise = 1 + 0.05 * torch.rand(w.shape, generator=gens[w.device], device=w.device)
+            out[p][name] = select(w * noise, sparsity).cpu()
     return MaskStore.from_masks(model, out, "magnitude", {"sparsity": sparsity})
 
 
