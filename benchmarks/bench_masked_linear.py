@@ -95,11 +95,12 @@ def run(shapes, sparsities, batches, dtype, device, backends_wanted=None, log=pr
 
 
 def crossover(rows, worst: float = 0.9) -> dict:
-    """Per format: the largest batch up to which its best sparse kernel beats the fallback over
-    the measured shapes and sparsities >= 50% (geometric-mean speed-up > 1) and is nowhere more
-    than 1/``worst`` slower (single-run noise on a small machine is about 5-10%). The fallback is
-    what the dispatcher runs above the crossover: dense F.linear, or for compacted weights the
-    'torch' GEMM on the compact weight."""
+    """Per format: the largest batch up to which its best sparse kernel beats the fallback
+    (geometric-mean speed-up over the measured shapes > 1) and is nowhere more than 1/``worst``
+    slower (single-run noise on a small machine is about 5-10%), over the sparsities at or above
+    ``min_sparsity``: the lowest measured sparsity from which on the kernel wins at batch 1 (at
+    least 50%). Below it, or above the batch, the dispatcher runs the fallback: dense F.linear, or
+    for compacted weights the 'torch' GEMM on the compact weight."""
     fallback_ms = {(r["shape"], r["sparsity"], r["batch"]): r["ms"] for r in rows
                    if r["format"] == "compacted" and r["backend"] == "torch"}
 
@@ -107,21 +108,28 @@ def crossover(rows, worst: float = 0.9) -> dict:
         base = fallback_ms.get((r["shape"], r["sparsity"], r["batch"])) if r["format"] == "compacted" else r["dense_ms"]
         return None if base is None else base / r["ms"]
 
+    def wins(sel, backend, batch, min_s):
+        ratios = [ratio(r) for r in sel if r["batch"] == batch and r["backend"] == backend and r["sparsity"] >= min_s]
+        ratios = [q for q in ratios if q is not None]
+        return bool(ratios) and math.prod(ratios) ** (1 / len(ratios)) > 1.0 and min(ratios) >= worst
+
     table = {}
     for fmt in sorted({r["format"] for r in rows}):
         sel = [r for r in rows if r["format"] == fmt and r["sparsity"] >= 0.5 and r["backend"] not in ("torch", "reference", "auto")]
         if not sel:
             continue
         best_backend = max(sel, key=lambda r: r["speedup"])["backend"]
+        batches = sorted({r["batch"] for r in sel})
+        min_s = next((s for s in sorted({r["sparsity"] for r in sel}) if wins(sel, best_backend, batches[0], s)), None)
         max_b = 0
-        for b in sorted({r["batch"] for r in sel}):
-            ratios = [ratio(r) for r in sel if r["batch"] == b and r["backend"] == best_backend]
-            ratios = [q for q in ratios if q is not None]
-            if ratios and math.prod(ratios) ** (1 / len(ratios)) > 1.0 and min(ratios) >= worst:
-                max_b = b
-            else:
+        for b in batches if min_s is not None else ():
+            if not wins(sel, best_backend, b, min_s):
                 break
-        table[fmt] = {"max_batch": max_b, "backend": best_backend}
+            max_b = b
+        entry = {"max_batch": max_b, "backend": best_backend}
+        if max_b and min_s > 0.5:
+            entry["min_sparsity"] = min_s
+        table[fmt] = entry
     return table
 
 

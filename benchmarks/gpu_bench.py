@@ -66,8 +66,10 @@ def accumulate(p: dict) -> list[dict]:
     return rows
 
 
-def masked_linear(p: dict, deadline: float) -> list[dict]:
-    return bench_masked_linear.run(p["ml_shapes"], p["sparsities"], p["batches"], p["dtype"], p["device"], p["ml_backends"],
+def masked_linear(p: dict, deadline: float, dispatched_only: bool = False) -> list[dict]:
+    """Every format and kernel, or (``dispatched_only``) only the dispatched path against dense."""
+    wanted = ["-"] if dispatched_only else p["ml_backends"]  # '-' matches no kernel: 'auto' and 'torch' only
+    return bench_masked_linear.run(p["ml_shapes"], p["sparsities"], p["batches"], p["dtype"], p["device"], wanted,
                                    formats=["bitmap", "shared_bitmask", "compacted", "block"], dispatched=True,
                                    log=lambda *a: print(*a, flush=True), deadline=deadline)
 
@@ -198,7 +200,8 @@ def e2e(p: dict) -> list[dict]:
 
 
 def gpu_crossover(rows: list[dict], dtype: torch.dtype, device_cls: str) -> dict:
-    return {device_cls: {dispatch.table_key(k, dtype): v for k, v in bench_masked_linear.crossover(rows).items()}}
+    worst = 0.97 if device_cls != "cpu" else 0.9  # CUDA-event medians are steadier than a small CPU's clock
+    return {device_cls: {dispatch.table_key(k, dtype): v for k, v in bench_masked_linear.crossover(rows, worst=worst).items()}}
 
 
 def summary(res: dict) -> str:
@@ -236,6 +239,9 @@ def summary(res: dict) -> str:
     for r in res.get("induce_neurons") or []:
         lines.append(f"| induce_neurons {r['backend']} act={r['act']} | {r['shape']} {r['dtype']} | {r['ms']} ms, "
                      f"{r['of_copy_bw']} of copy, {r['speedup']}x eager |")
+    for r in res.get("calibration") or []:
+        lines.append(f"| calibration hooks (accumulate_stats in a forward) | {r['model']} batch {r['batch']} | "
+                     f"{r['plain_ms']} ms plain, {r['with_stats_ms']} ms with statistics: {r['overhead']} |")
     for r in res.get("e2e") or []:
         graph = f", graph step {r['step_graph'] * 1e3:.3f} ms ({r.get('speedup_step_graph', 1.0):.2f}x)" if "step_graph" in r else \
             (f", graph capture failed: {r['graph_error']}" if "graph_error" in r else "")
@@ -272,6 +278,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("GPU_BENCH_BUDGET_S", 240)),
                     help="sections not started by then are skipped (and listed)")
     ap.add_argument("--merge-crossover", help="merge this crossover_gpu.json into crossover.json and exit")
+    ap.add_argument("--sections", default=os.environ.get("GPU_BENCH_SECTIONS", ""),
+                    help="comma-separated sections to run (default: all): ceilings, accumulate_stats, induce_neurons, "
+                         "e2e, calibration, profile_accumulate_stats, bitmap_knobs, masked_linear")
+    ap.add_argument("--dispatched-only", action="store_true", default=os.environ.get("GPU_BENCH_DISPATCHED_ONLY", "0") == "1",
+                    help="masked_linear: time only the dispatched path (and 'torch') against dense")
     args = ap.parse_args(argv)
     if args.merge_crossover:
         merge_crossover(args.merge_crossover)
@@ -287,7 +298,11 @@ def main(argv=None) -> int:
            "dry": args.dry, "errors": {}, "skipped": []}
     start = time.perf_counter()
 
+    chosen = {x.strip() for x in args.sections.split(",") if x.strip()}
+
     def section(name, fn):
+        if chosen and name not in chosen:
+            return None
         if time.perf_counter() - start > args.budget_s:
             res["skipped"].append(name)
             print(f"[gpu_bench] {name}: skipped (time budget {args.budget_s:.0f} s spent)", flush=True)
@@ -308,9 +323,11 @@ def main(argv=None) -> int:
     copy = (res["ceilings"] or {}).get("copy_GBps", 1.0)
     res["induce_neurons"] = section("induce_neurons", lambda: induce(p, copy))
     res["e2e"] = section("e2e", lambda: e2e(p))
+    res["calibration"] = section("calibration", lambda: [bench_accumulate_stats.bench_calibration_overhead(
+        torch.device(p["device"]), quick=p["device"] == "cpu")])
     res["profile_accumulate_stats"] = section("profile_accumulate_stats", lambda: profile_accumulate(p))
     res["bitmap_knobs"] = section("bitmap_knobs", lambda: bitmap_knobs(p))
-    res["masked_linear"] = section("masked_linear", lambda: masked_linear(p, start + args.budget_s))
+    res["masked_linear"] = section("masked_linear", lambda: masked_linear(p, start + args.budget_s, args.dispatched_only))
     if res["masked_linear"]:
         res["crossover"] = gpu_crossover(res["masked_linear"], p["dtype"], dispatch.device_class(torch.device(p["device"])))
         with open(os.path.join(args.out, "crossover_gpu.json"), "w") as f:

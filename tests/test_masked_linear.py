@@ -235,6 +235,53 @@ def test_crossover_is_per_dtype_and_overridable():
         dispatch.reload_table()
 
 
+def test_min_sparsity_routes_denser_weights_to_the_fallback():
+    """An entry's min_sparsity (measured on an H200: the bitmap kernel loses to cuBLAS below 70%)
+    sends weights the format knows to be denser to the fallback; no device sync is needed."""
+    dispatch = ml.dispatch
+    sparse, _, _ = make("bitmap", 16, 64, torch.float32, density=0.2)
+    dense_ish, _, _ = make("bitmap", 16, 64, torch.float32, density=0.6)
+    compact, _, _ = make("compacted_out", 16, 64, torch.float32, density=0.6)
+    assert 0.6 < sparse.known_sparsity() < 1.0 and dense_ish.known_sparsity() < 0.6
+    assert abs(sparse.known_sparsity() - (1 - sparse.density)) < 1e-12  # the shape-only count is exact
+    assert abs(compact.known_sparsity() - (1 - compact.density)) < 1e-12
+    name = dispatch._sparse_backend("bitmap", torch.device("cpu"))
+    if name is None:
+        pytest.skip("no sparse bitmap kernel here")
+    key = ("cpu", dispatch.table_key("bitmap", torch.float32))
+    try:
+        dispatch.set_crossover("cpu", "bitmap", 4, name, dtype=torch.float32, min_sparsity=0.6)
+        x = torch.randn(2, 64)
+        assert dispatch.choose(sparse, x) == name
+        assert dispatch.choose(dense_ish, x) == "dense"
+        assert dispatch.choose(dense_ish, x, mixed=True) == name  # a mixed batch never densifies
+        with pytest.raises(ValueError, match="min_sparsity"):
+            dispatch.set_crossover("cpu", "bitmap", 4, name, min_sparsity=1.5)
+    finally:
+        dispatch._OVERRIDES.pop(key, None)
+        dispatch.reload_table()
+
+
+@pytest.mark.parametrize("fmt_name", ["shared_bitmask", "block"])
+def test_dense_route_with_an_int_persona_uses_that_personas_weight(fmt_name, monkeypatch):
+    """Above the crossover an int persona takes its cached masked weight directly (no per-row
+    unique(), a device sync per call on a GPU); each persona still gets its own weight."""
+    dispatch = ml.dispatch
+    fmt, w, masks = make(fmt_name, 24, 64, torch.float32, 0.5, P=3, seed=5)
+    x = torch.randn(6, 64, dtype=torch.float64).float()
+    monkeypatch.setattr(torch.Tensor, "unique", lambda *a, **k: (_ for _ in ()).throw(AssertionError("unique() called")))
+    key = ("cpu", dispatch.table_key(fmt.kind, torch.float32))
+    try:
+        dispatch.set_crossover("cpu", fmt.kind, 0, dtype=torch.float32)
+        assert dispatch.choose(fmt, x) == "dense"
+        for p in (2, 0, 1):
+            want = (x.double() @ (w.double() * masks[p].double()).T).float()
+            torch.testing.assert_close(masked_linear(x, fmt, persona=p), want, rtol=1e-5, atol=1e-5)
+    finally:
+        dispatch._OVERRIDES.pop(key, None)
+        dispatch.reload_table()
+
+
 def test_mixed_persona_batches_take_the_kernel_at_any_size():
     """A mixed batch above the crossover must not fall back to densifying one weight per persona."""
     fmt, w, masks = make("shared_bitmask", 24, 64, torch.float32, 0.5, P=3, seed=4)

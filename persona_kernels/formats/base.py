@@ -83,6 +83,11 @@ class WeightFormat:
     def from_op_args(cls, tensors: list, ints: list) -> "WeightFormat":
         raise NotImplementedError
 
+    def known_sparsity(self) -> Optional[float]:
+        """The weight's sparsity when the format knows it from its tensors' shapes alone (no
+        device sync: the dispatcher asks on every call), else None."""
+        return None
+
     def nbytes(self) -> int:
         """Bytes of every tensor the format keeps resident."""
         return sum(t.numel() * t.element_size() for t in self.state()[0].values())

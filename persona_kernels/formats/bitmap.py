@@ -45,6 +45,10 @@ class BitmapWeight(WeightFormat):
     def density(self) -> float:
         return self.nnz / max(1, self.shape[0] * self.shape[1])
 
+    def known_sparsity(self) -> float:
+        # values is the nnz kept weights plus PAD zeros: known from its shape, no sync on row_ptr
+        return 1.0 - max(0, self.values.numel() - PAD) / max(1, self.shape[0] * self.shape[1])
+
     def mask(self) -> torch.Tensor:
         return unpack_words(self.bitmap, self.shape[1])
 

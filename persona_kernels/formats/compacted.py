@@ -38,6 +38,9 @@ class CompactedWeight(WeightFormat):
         n = self.shape[0] if self.axis == "out" else self.shape[1]
         return self.index.numel() / max(1, n)
 
+    def known_sparsity(self) -> float:
+        return 1.0 - self.density
+
     def to_dense(self, persona: Optional[int] = None) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=self.dtype, device=self.weight.device)
         if self.axis == "out":

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from ...formats import WeightFormat
 from .. import registry
@@ -115,6 +116,10 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
     if torch.compiler.is_compiling() and weight.kind != "semi24":
         tensors, ints = weight.op_args()
         y = torch.ops.persona_kernels.masked_linear(x2, weight.kind, tensors, ints, bias, prow, name)
+    elif name == "dense" and prow is not None and not isinstance(persona, torch.Tensor):
+        # one persona given as an int: its cached masked weight directly (the per-row path would
+        # find the persona with unique(), a device sync on every call of a GPU decode step)
+        y = F.linear(x2, weight.dense_for(0 if persona is None else int(persona)), bias)
     else:
         y = run_kernel(name, x2, weight, bias, prow)
     return y if x.ndim == 2 else y.view(*x.shape[:-1], weight.shape[0])

@@ -3,8 +3,11 @@
 Crossover tables are measured by `python benchmarks/bench_masked_linear.py --write-crossover`
 and stored per device class in crossover.json beside this file, per format kind and dtype
 ('bitmap:float32'; a bare 'bitmap' entry covers the dtypes without one); the user can override
-any entry with set_crossover(). Without a measured entry, the conservative rule is: sparse kernel
-at batch 1..4 when one exists, dense otherwise. Above the crossover, compacted and 2:4 weights
+any entry with set_crossover(). An entry may also carry ``min_sparsity``: below it the sparse
+kernel loses to the fallback at every batch (on an H200 the bitmap kernel beats cuBLAS only from
+70%), so weights that know their sparsity without a device sync (bitmap, compacted) take the
+fallback there. Without a measured entry, the conservative rule is: sparse kernel at batch 1..4
+when one exists, dense otherwise. Above the crossover, compacted and 2:4 weights
 run their 'torch' kernel (a GEMM on the compact / sparse weight), the others a dense GEMM on the
 cached masked weight.
 
@@ -26,8 +29,9 @@ from .. import registry
 
 _TABLE_FILE = os.path.join(os.path.dirname(__file__), "crossover.json")
 _OVERRIDES: dict = {}
-_ROUTES: dict = {}  # (kind, device, dtype) -> (sparse backend or None, max_batch, fallback)
-_TORCH_FALLBACK = ("compacted", "semi24")  # formats whose 'torch' kernel beats densifying
+_ROUTES: dict = {}  # (kind, device, dtype) -> (sparse backend or None, max_batch, fallback, min_sparsity)
+_TORCH_FALLBACK = ("compacted", "semi24")
+NEAREST_MEASURED_GPU = "h200"  # formats whose 'torch' kernel beats densifying
 
 
 def device_class(device: torch.device) -> str:
@@ -60,11 +64,14 @@ def reload_table() -> None:
 
 
 def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[str] = None,
-                  dtype: Optional[torch.dtype] = None) -> None:
+                  dtype: Optional[torch.dtype] = None, min_sparsity: Optional[float] = None) -> None:
     """Use the sparse kernel of ``kind`` up to ``max_batch`` rows on ``device_cls`` (0: never),
-    for ``dtype`` only or (None) for every dtype without an entry of its own."""
+    for weights of at least ``min_sparsity`` (None: any), for ``dtype`` only or (None) for every
+    dtype without an entry of its own."""
+    if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     key = kind if dtype is None else table_key(kind, dtype)
-    _OVERRIDES[(device_cls, key)] = {"max_batch": int(max_batch), "backend": backend}
+    _OVERRIDES[(device_cls, key)] = {"max_batch": int(max_batch), "backend": backend, "min_sparsity": min_sparsity}
     _ROUTES.clear()
 
 
@@ -91,12 +98,16 @@ def table_key(kind: str, dtype: torch.dtype) -> str:
 def _route(kind: str, device: torch.device, dtype: torch.dtype) -> tuple:
     fallback = fallback_route(kind)
     name = _sparse_backend(kind, device)
-    table = _table().get(device_class(device), {})
+    tables = _table()
+    # a GPU without measurements of its own takes the H200's (the only one measured so far): the
+    # conservative rule below was wrong there for every format but bitmap at batch 1 from 70%
+    table = tables.get(device_class(device)) or (tables.get(NEAREST_MEASURED_GPU, {}) if device.type == "cuda" else {})
     entry = table.get(table_key(kind, dtype), table.get(kind))
     if entry is not None and entry.get("backend"):
         name = entry["backend"] if backends.available(entry["backend"], device) else name
     max_batch = entry["max_batch"] if entry is not None else 4
-    return name, max_batch, fallback
+    min_sparsity = entry.get("min_sparsity") if entry is not None else None
+    return name, max_batch, fallback, min_sparsity
 
 
 def choose(fmt: WeightFormat, x2: torch.Tensor, mixed: bool = False) -> str:
@@ -111,5 +122,11 @@ def choose(fmt: WeightFormat, x2: torch.Tensor, mixed: bool = False) -> str:
     route = _ROUTES.get(key)
     if route is None:
         route = _ROUTES[key] = _route(fmt.kind, x2.device, x2.dtype)
-    name, max_batch, fallback = route
-    return name if name is not None and (mixed or x2.shape[0] <= max_batch) else fallback
+    name, max_batch, fallback, min_sparsity = route
+    if name is None or not (mixed or x2.shape[0] <= max_batch):
+        return fallback
+    if min_sparsity is not None and not mixed:
+        known = fmt.known_sparsity()
+        if known is not None and known < min_sparsity:
+            return fallback
+    return name
