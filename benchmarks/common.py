@@ -23,7 +23,8 @@ def flush_cache(device: torch.device) -> None:
     this layer's, so a kernel timed with a warm cache would look faster than it is."""
     key = (device.type, device.index)
     if key not in _FLUSH:
-        _FLUSH[key] = torch.empty((256 if device.type == "cuda" else 64) * 2**20 // 4, dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # a normal tensor, whatever mode the first caller runs in
+            _FLUSH[key] = torch.empty((256 if device.type == "cuda" else 64) * 2**20 // 4, dtype=torch.float32, device=device)
     _FLUSH[key].fill_(1.0)
     sync(device)
 

@@ -143,6 +143,31 @@ def bitmap_knobs(p: dict) -> list[dict]:
     return rows
 
 
+def compacted_probe(p: dict) -> list[dict]:
+    """Where the compacted 'torch' route's time goes at decode batches: the GEMM on the kept rows
+    (and on them padded to a multiple of 8), the zero fill and the index_copy_, each alone."""
+    dev = torch.device(p["device"])
+    rows = []
+    for (o, i) in p["ml_shapes"]:
+        for s in p["sparsities"]:
+            keep = max(1, int(round(o * (1 - s))))
+            pad = -(-keep // 8) * 8
+            w = torch.randn(pad, i, dtype=p["dtype"], device=dev)
+            idx = torch.arange(keep, device=dev)
+            for b in (1, 16):
+                x = torch.randn(b, i, dtype=p["dtype"], device=dev)
+                y = torch.empty(b, o, dtype=p["dtype"], device=dev)
+                yc = torch.nn.functional.linear(x, w[:keep])
+                r = {"shape": f"{o}x{i}", "sparsity": s, "batch": b, "kept": keep,
+                     "gemm_us": time_fn(lambda: torch.nn.functional.linear(x, w[:keep]), dev) * 1e6,
+                     "gemm_padded_us": time_fn(lambda: torch.nn.functional.linear(x, w), dev) * 1e6,
+                     "zero_us": time_fn(lambda: y.zero_(), dev) * 1e6,
+                     "index_copy_us": time_fn(lambda: y.index_copy_(1, idx, yc), dev) * 1e6}
+                rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})
+                print(f"[compacted probe] {rows[-1]}", flush=True)
+    return rows
+
+
 def induce(p: dict, copy_GBps: float) -> list[dict]:
     return bench_induce_neurons.bench_op(p["induce_shapes"], p["dtype"], torch.device(p["device"]), copy_GBps * 1e9)
 
@@ -280,7 +305,7 @@ def main(argv=None) -> int:
     ap.add_argument("--merge-crossover", help="merge this crossover_gpu.json into crossover.json and exit")
     ap.add_argument("--sections", default=os.environ.get("GPU_BENCH_SECTIONS", ""),
                     help="comma-separated sections to run (default: all): ceilings, accumulate_stats, induce_neurons, "
-                         "e2e, calibration, profile_accumulate_stats, bitmap_knobs, masked_linear")
+                         "e2e, calibration, compacted_probe, profile_accumulate_stats, bitmap_knobs, masked_linear")
     ap.add_argument("--dispatched-only", action="store_true", default=os.environ.get("GPU_BENCH_DISPATCHED_ONLY", "0") == "1",
                     help="masked_linear: time only the dispatched path (and 'torch') against dense")
     args = ap.parse_args(argv)
@@ -325,6 +350,7 @@ def main(argv=None) -> int:
     res["e2e"] = section("e2e", lambda: e2e(p))
     res["calibration"] = section("calibration", lambda: [bench_accumulate_stats.bench_calibration_overhead(
         torch.device(p["device"]), quick=p["device"] == "cpu")])
+    res["compacted_probe"] = section("compacted_probe", lambda: compacted_probe(p))
     res["profile_accumulate_stats"] = section("profile_accumulate_stats", lambda: profile_accumulate(p))
     res["bitmap_knobs"] = section("bitmap_knobs", lambda: bitmap_knobs(p))
     res["masked_linear"] = section("masked_linear", lambda: masked_linear(p, start + args.budget_s, args.dispatched_only))

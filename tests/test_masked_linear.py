@@ -317,3 +317,25 @@ def test_bfloat16_is_refused_by_the_triton_interpreter():
     y = masked_linear(torch.tensor([[1.0], [2.0]]), BitmapWeight.from_dense(torch.tensor([[0.5]]), torch.ones(1, 1, dtype=torch.bool)),
                       backend="triton")
     assert torch.allclose(y, torch.tensor([[0.5], [1.0]])) and not math.isnan(float(y.sum()))
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_compacted_pads_the_kept_count_with_removed_rows(axis):
+    """The compact weight's kept count is rounded up to a multiple of 8 with rows (columns) the
+    mask removes, zeros in the compact weight: the product and the dense weight are unchanged,
+    and a mask that keeps (almost) everything is never padded past the layer."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(37, 29, generator=g)
+    neurons = torch.rand(37 if axis == "out" else 29, generator=g) < 0.3
+    m = (neurons[:, None] if axis == "out" else neurons[None, :]).expand(37, 29) & (torch.rand(37, 29, generator=g) < 0.9)
+    fmt = CompactedWeight.from_dense(w, m, axis=axis)
+    n = fmt.index.numel()
+    assert n % 8 == 0 and n >= int(m.any(1 if axis == "out" else 0).sum())
+    assert torch.equal(fmt.index, fmt.index.sort().values) and fmt.index.unique().numel() == n
+    torch.testing.assert_close(fmt.to_dense(), w * m, rtol=0, atol=0)
+    x = torch.randn(5, 29, generator=g)
+    want = (x.double() @ (w.double() * m.double()).T).float()
+    for backend in available_backends(fmt, torch.device("cpu")):
+        torch.testing.assert_close(masked_linear(x, fmt, backend=backend), want, rtol=1e-5, atol=1e-5)
+    full = CompactedWeight.from_dense(w, torch.ones(37, 29, dtype=torch.bool), axis=axis)
+    assert full.index.numel() == (37 if axis == "out" else 29)

@@ -20,7 +20,11 @@ class CompactedWeight(WeightFormat):
         self.weight, self.index, self.shape, self.axis, self.dtype = weight, index, tuple(shape), axis, weight.dtype
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor, axis: str = "out") -> "CompactedWeight":
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor, axis: str = "out", align: int = 8) -> "CompactedWeight":
+        """``align``: the kept count is rounded up to a multiple of it with rows (columns) the
+        mask removes entirely, which are all zeros in the compact weight, so the product is
+        unchanged. cuBLAS needs it: on an H200 (bf16) a compact GEMM of 4301 rows took 26-51 us
+        against 19 us for 4304 rows, at batch 1 and 16."""
         w = check_weight(weight)
         m = check_mask(mask, w.shape).to(w.device)
         if m.ndim != 2:
@@ -28,7 +32,11 @@ class CompactedWeight(WeightFormat):
         if axis not in ("out", "in"):
             raise ValueError(f"axis must be 'out' (rows) or 'in' (columns), got {axis!r}")
         dim = 1 if axis == "out" else 0
-        index = m.any(dim).nonzero().flatten()
+        kept = m.any(dim)
+        index = kept.nonzero().flatten()
+        extra = min(-index.numel() % max(1, align), kept.numel() - index.numel())
+        if extra:
+            index = torch.cat([index, (~kept).nonzero().flatten()[:extra]]).sort().values
         masked = w * m.to(w.dtype)
         compact = masked.index_select(0 if axis == "out" else 1, index).contiguous()
         return cls(compact, index, w.shape, axis)
