@@ -228,6 +228,7 @@ class _Collector:
         self.model, self.swapped = model, {}
         self.aliases: dict = {}  # site -> the site whose input tensor it reads too
         self._last: Optional[tuple] = None  # (input tensor, site) of the last linear site, this forward
+        self._moved: Optional[tuple] = None  # (valid, segments, device, their copies there), see _on
         modules = dict(model.named_modules())
         for s in sites:
             if s.expert is not None:
@@ -287,7 +288,7 @@ class _Collector:
                 x = x.reshape(B, T, -1)  # e.g. DeepSeek's kv_b_proj sees [B, 1, T, C]
             else:
                 raise RuntimeError(f"site {site.name}: activation of shape {tuple(x.shape)} does not match the batch ({B}, {T})")
-        self._accumulate(site, x, self.valid.to(x.device))
+        self._accumulate(site, x, self._on(x.device)[0])
 
     def collect_rows(self, site: Site, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Rows [n, C] of the flattened [B*T] batch (a routed expert's tokens): packed per sample,
@@ -314,14 +315,25 @@ class _Collector:
             self.stats[site.name] = StatsState.empty(x.shape[-1], cfg, device=x.device)
             pending = self.pending[site.name] = PendingStats(self.stats[site.name], self.cfg.backend)
         try:
-            pending.add(x.detach(), valid, self.segments.to(x.device))
+            pending.add(x.detach(), valid, self._on(x.device)[1])
         except NonFiniteActivationError as exc:
             raise NonFiniteActivationError(f"site {site.name}: {exc}") from exc
 
+    def _on(self, device: torch.device) -> tuple:
+        """(valid, segments) of this batch on ``device``, copied once per batch and device, not
+        once per site (a host-to-device copy from pageable memory waits for the GPU)."""
+        m = self._moved  # holds the originals: compared by identity, never a reused id
+        if m is None or m[0] is not self.valid or m[1] is not self.segments or m[2] != device:
+            m = self._moved = (self.valid, self.segments, device, (self.valid.to(device), self.segments.to(device)))
+        return m[3]
+
     def flush(self) -> None:
         """Fold every site's pending partials into its state (stage 2, once for many batches)."""
-        for pending in self.pending.values():
-            pending.flush()
+        for name, pending in self.pending.items():
+            try:
+                pending.flush()
+            except NonFiniteActivationError as exc:
+                raise NonFiniteActivationError(f"site {name}: {exc}") from exc
 
     def remove(self):
         for h in self.handles:

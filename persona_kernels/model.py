@@ -140,7 +140,7 @@ class _PersonaWeight:
         self._fmt, self._kind, self._backend, self.out_features = fmt, kind, backend, out_features
         self._maybe_cached: set = set()  # per-persona formats whose dense cache may be alive
 
-    def _one(self, x2: torch.Tensor, p: int, exclusive: bool = True) -> torch.Tensor:
+    def _one(self, x2: torch.Tensor, p: int, exclusive: bool = True, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Masked output of persona ``p`` for a per-persona format list.
 
         A large batch makes the dispatcher cache persona p's dense masked weight. ``exclusive``
@@ -149,25 +149,26 @@ class _PersonaWeight:
         """
         f = self._fmt[p]
         if isinstance(f, torch.Tensor):
-            return torch.nn.functional.linear(x2, f)
+            return torch.nn.functional.linear(x2, f, bias)
         if exclusive and self._maybe_cached - {p}:
             for q in self._maybe_cached - {p}:
                 self._fmt[q].drop_dense_cache()
             self._maybe_cached &= {p}
         self._maybe_cached.add(p)
-        return masked_linear(x2, f, backend=self._backend)
+        return masked_linear(x2, f, bias, backend=self._backend)
 
-    def __call__(self, x2: torch.Tensor, persona) -> torch.Tensor:
+    def __call__(self, x2: torch.Tensor, persona, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x2 [N, in]; persona an int (one persona, the decode hot path: no per-call index work)
-        or an int64 [N] tensor (mixed batch) -> masked output [N, out] (no bias)."""
+        or an int64 [N] tensor (mixed batch) -> masked output [N, out] (+ bias, added by the
+        kernel or the GEMM: no separate launch)."""
         if not isinstance(self._fmt, list):
-            return masked_linear(x2, self._fmt, None, persona=persona, backend=self._backend)
+            return masked_linear(x2, self._fmt, bias, persona=persona, backend=self._backend)
         if isinstance(persona, int):
-            return self._one(x2, persona)
+            return self._one(x2, persona, bias=bias)
         out = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
         for p in persona.unique().tolist():
             sel = persona == p
-            out[sel] = self._one(x2[sel], p, exclusive=False)
+            out[sel] = self._one(x2[sel], p, exclusive=False, bias=bias)
         return out
 
 
@@ -195,7 +196,10 @@ class _WatchesWeights(_OriginalKeys):
         self._versions = tuple(t._version for t in self._watched())
 
     def _edited(self) -> bool:
-        return self._versions != tuple(t._version for t in self._watched())
+        v = self._versions
+        if v is not None and len(v) == 1:  # one watched weight (every linear wrapper): the hot path, no tuple built
+            return v[0] != self._watched()[0]._version
+        return v != tuple(t._version for t in self._watched())
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -242,7 +246,7 @@ class MaskedLinear(_WatchesWeights):
                                "optimizer step, ...): its persona formats hold the old values. Call remove() and apply() "
                                "again to use the new weights")
         dev = self.base.weight.device
-        x2 = x.to(dev).reshape(-1, self.in_features)
+        x2 = (x if x.device == dev else x.to(dev)).reshape(-1, self.in_features)
         if h.batch is not None:
             B = h.batch.numel()
             # [B, ..., in], or flattened tokens [B*T, in] in batch-major order (OPT's MLP, MoE shared experts)
@@ -250,14 +254,18 @@ class MaskedLinear(_WatchesWeights):
             if not ok:
                 raise PersonaError(f"set_batch_personas was given {B} personas but the batch has "
                                    f"{x.shape[0] if x.ndim >= 2 else 1} sequences (or rows not a multiple of {B})")
-        y = self._weight(x2, _row_personas(h, x2.shape[0], dev))
-        if h.gamma:
+        b = self._bias
+        if not h.gamma and (b is None or b.dtype == x2.dtype):
+            y = self._weight(x2, _row_personas(h, x2.shape[0], dev), b)
+        else:
             # soft gate G = M + gamma (1 - M): x (W*G)^T = (1 - gamma) x (W*M)^T + gamma x W^T
+            y = self._weight(x2, _row_personas(h, x2.shape[0], dev))
             dense = torch.nn.functional.linear(x2, linear_weight(self.base))
             y = (1 - h.gamma) * y + h.gamma * dense
-        if self._bias is not None:
-            y = y + self._bias
-        return y.view(*x.shape[:-1], self.out_features).to(x.device)
+            if self._bias is not None:
+                y = y + self._bias
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.device == x.device else y.to(x.device)
 
 
 class MaskedEmbedding(_OriginalKeys):

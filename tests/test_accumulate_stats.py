@@ -256,3 +256,35 @@ def test_pending_stats_equal_call_by_call(backend):
             assert torch.equal(getattr(got, k), t), k
         else:
             torch.testing.assert_close(getattr(got, k), t, rtol=1e-9, atol=1e-9, msg=lambda m: f"{k}: {m}")
+
+
+def test_deferred_nonfinite_check_drops_the_pending_calls_and_names_the_call(monkeypatch):
+    """On an accelerator PendingStats checks NaN/Inf without a host read per call: at flush (or
+    every CHECK_EVERY calls) it raises, names the call, and accumulates none of the pending
+    calls; the state keeps what earlier flushes folded in. Run here by forcing the deferred mode."""
+    from persona_kernels.ops import accumulate_stats as acc
+
+    monkeypatch.setattr(acc, "DEFER_CHECKS_ON_CPU", True)
+    cfg = StatsConfig(num_personas=2, histogram=True)
+    pending = acc.PendingStats(StatsState.empty(19, cfg))
+    assert pending.deferred
+    reference = StatsState.empty(19, cfg)
+    x, valid, seg = _inputs((3, 7, 19), torch.float32, 2, seed=1)
+    pending.add(x, valid, seg)
+    pk.accumulate_stats(x, reference, valid=valid, segment_ids=seg)
+    pending.flush()
+    bad = torch.randn(2, 5, 19)
+    bad[1, 2, 4] = math.inf
+    for seed in (2, 3):
+        x, valid, seg = _inputs((3, 7, 19), torch.float32, 2, seed=seed)
+        pending.add(x, valid, seg)
+    pending.add(bad, torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, dtype=torch.int64))  # no raise yet
+    with pytest.raises(NonFiniteActivationError, match=r"call 3 of the 3 since the last flush.*none of those calls"):
+        pending.flush()
+    got = pending.flush()  # nothing pending any more: the state is the first flush's
+    for k, t in reference.tensors().items():
+        assert torch.equal(getattr(got, k), t), k
+    monkeypatch.setattr(acc, "CHECK_EVERY", 2)  # the periodic check raises before any flush
+    pending.add(bad, torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(NonFiniteActivationError, match="call 1 of the 2"):
+        pending.add(*_inputs((3, 7, 19), torch.float32, 2, seed=4))

@@ -123,11 +123,16 @@ def test_hooks_removed_even_when_a_batch_raises():
     assert calls["n"] == 2
 
 
-def test_nonfinite_activation_names_the_site_and_cleans_up():
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked-per-call", "deferred-check"])
+def test_nonfinite_activation_names_the_site_and_cleans_up(deferred, monkeypatch):
+    """deferred: the accelerator path (the NaN/Inf check waits for the flush), forced here."""
+    from persona_kernels.ops import accumulate_stats as acc
+
+    monkeypatch.setattr(acc, "DEFER_CHECKS_ON_CPU", deferred)
     model, tok = tiny_causal_lm("llama"), char_tokenizer()
     with torch.no_grad():
         model.model.layers[1].mlp.gate_proj.weight[3, 0] = float("nan")
-    with pytest.raises(pk.NonFiniteActivationError, match=r"site model\.layers\.1\.mlp"):
+    with pytest.raises(pk.NonFiniteActivationError, match=r"site model\.layers\.1\.mlp" + (".*deferred" if deferred else "")):
         calibrate(model, tok, TEXTS, progress=False)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 

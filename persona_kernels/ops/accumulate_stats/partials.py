@@ -84,6 +84,11 @@ def valid_counts(chunks: Chunks, row_valid: torch.Tensor) -> torch.Tensor:
 MAX_ABS_ACTIVATION = 1e15
 
 
+def nonfinite_flag(p: Partials) -> torch.Tensor:
+    """0-dim bool on the partials' device: any NaN/Inf or |x| above MAX_ABS_ACTIVATION (no host read)."""
+    return (~torch.isfinite(p.sum) | (p.absmax > MAX_ABS_ACTIVATION)).any()
+
+
 def nonfinite_channels(p: Partials) -> torch.Tensor:
     """Channels with a NaN or Inf input (it poisons its chunk's sum) or an |x| above
     MAX_ABS_ACTIVATION (an Inf's absmax is above it too; below it no sum of squares overflows)."""
