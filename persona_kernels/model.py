@@ -150,11 +150,13 @@ class _PersonaWeight:
         f = self._fmt[p]
         if isinstance(f, torch.Tensor):
             return torch.nn.functional.linear(x2, f, bias)
-        if exclusive and self._maybe_cached - {p}:
-            for q in self._maybe_cached - {p}:
-                self._fmt[q].drop_dense_cache()
-            self._maybe_cached &= {p}
-        self._maybe_cached.add(p)
+        cached = self._maybe_cached
+        if p not in cached or len(cached) > 1:  # not the steady state of one persona decoding (no set built per call)
+            if exclusive:
+                for q in cached - {p}:
+                    self._fmt[q].drop_dense_cache()
+                cached &= {p}
+            cached.add(p)
         return masked_linear(x2, f, bias, backend=self._backend)
 
     def __call__(self, x2: torch.Tensor, persona, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -193,13 +195,16 @@ class _WatchesWeights(_OriginalKeys):
         raise NotImplementedError
 
     def _watch(self) -> None:
-        self._versions = tuple(t._version for t in self._watched())
+        # the tensors themselves are kept (a plain attribute): the forward's check then costs no
+        # submodule lookups. model.to() swaps their data in place, so they stay the live weights.
+        self._watched_tensors = self._watched()
+        self._versions = tuple(t._version for t in self._watched_tensors)
 
     def _edited(self) -> bool:
         v = self._versions
         if v is not None and len(v) == 1:  # one watched weight (every linear wrapper): the hot path, no tuple built
-            return v[0] != self._watched()[0]._version
-        return v != tuple(t._version for t in self._watched())
+            return v[0] != self._watched_tensors[0]._version
+        return v != tuple(t._version for t in self._watched_tensors)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -208,7 +213,9 @@ class _WatchesWeights(_OriginalKeys):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._watch() if state["_versions"] is True else setattr(self, "_versions", None)
+        self._watch()
+        if state["_versions"] is not True:
+            self._versions = None
 
 
 class MaskedLinear(_WatchesWeights):
@@ -245,7 +252,7 @@ class MaskedLinear(_WatchesWeights):
             raise PersonaError("the weight of a masked layer was modified in place after apply() (load_state_dict, an "
                                "optimizer step, ...): its persona formats hold the old values. Call remove() and apply() "
                                "again to use the new weights")
-        dev = self.base.weight.device
+        dev = self._watched_tensors[0].device  # the base weight, without a submodule lookup
         x2 = (x if x.device == dev else x.to(dev)).reshape(-1, self.in_features)
         if h.batch is not None:
             B = h.batch.numel()
