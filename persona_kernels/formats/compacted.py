@@ -43,6 +43,7 @@ class CompactedWeight(WeightFormat):
 
     @property
     def density(self) -> float:
+        """Stored rows (columns) over all: the kept ones plus the up to align - 1 padding ones."""
         n = self.shape[0] if self.axis == "out" else self.shape[1]
         return self.index.numel() / max(1, n)
 
