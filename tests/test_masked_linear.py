@@ -339,3 +339,14 @@ def test_compacted_pads_the_kept_count_with_removed_rows(axis):
         torch.testing.assert_close(masked_linear(x, fmt, backend=backend), want, rtol=1e-5, atol=1e-5)
     full = CompactedWeight.from_dense(w, torch.ones(37, 29, dtype=torch.bool), axis=axis)
     assert full.index.numel() == (37 if axis == "out" else 29)
+
+
+def test_crossover_table_choice_per_device_class():
+    """A device class uses its own table; a GPU without one takes the nearest measured GPU's
+    (the H200's); a CPU class without one has none (the conservative rule)."""
+    dispatch = ml.dispatch
+    assert dispatch.table_class("cpu", False) == "cpu"
+    assert dispatch.table_class("h200", True) == "h200"
+    assert dispatch.table_class("h100", True) == dispatch.NEAREST_MEASURED_GPU == "h200"
+    assert dispatch.table_class("other-cpu", False) is None
+    assert "measured here" in dispatch.describe_table(torch.device("cpu"))

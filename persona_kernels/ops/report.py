@@ -7,7 +7,7 @@ import torch
 from .. import backends
 from ..formats import FORMAT_KINDS
 from . import registry
-from .masked_linear.dispatch import fallback_route
+from .masked_linear.dispatch import describe_table, fallback_route
 
 
 def report() -> str:
@@ -24,6 +24,7 @@ def report() -> str:
                 picks.append(f"{dev.type}: {pick}")
             label = op + (f"[{fmt}]" if fmt else "")
             lines.append(f"  {label:<30} {', '.join(picks):<30} kernels: {', '.join(registry.kernel_backends(op, fmt))}")
+    lines += [f"  {describe_table(dev)}" for dev in devices]
     for key, why in sorted(registry.LOAD_ERRORS.items()):
         lines.append(f"  load error {key}: {why}")
     for (op, fmt, dev), why in sorted(registry.FALLBACKS.items(), key=str):

@@ -98,16 +98,33 @@ def table_key(kind: str, dtype: torch.dtype) -> str:
 def _route(kind: str, device: torch.device, dtype: torch.dtype) -> tuple:
     fallback = fallback_route(kind)
     name = _sparse_backend(kind, device)
-    tables = _table()
-    # a GPU without measurements of its own takes the H200's (the only one measured so far): the
-    # conservative rule below was wrong there for every format but bitmap at batch 1 from 70%
-    table = tables.get(device_class(device)) or (tables.get(NEAREST_MEASURED_GPU, {}) if device.type == "cuda" else {})
+    table = _table().get(table_class(device_class(device), device.type == "cuda") or "", {})
     entry = table.get(table_key(kind, dtype), table.get(kind))
     if entry is not None and entry.get("backend"):
         name = entry["backend"] if backends.available(entry["backend"], device) else name
     max_batch = entry["max_batch"] if entry is not None else 4
     min_sparsity = entry.get("min_sparsity") if entry is not None else None
     return name, max_batch, fallback, min_sparsity
+
+
+def table_class(device_cls: str, is_gpu: bool) -> Optional[str]:
+    """The crossover table a device class uses: its own, or for a GPU without one the nearest
+    measured GPU's (the H200, the only one so far: the conservative rule was wrong there for
+    every format but bitmap at batch 1 from 70%); None: no table, the conservative rule."""
+    tables = _table()
+    if tables.get(device_cls):
+        return device_cls
+    return NEAREST_MEASURED_GPU if is_gpu and tables.get(NEAREST_MEASURED_GPU) else None
+
+
+def describe_table(device: torch.device) -> str:
+    """One line for the env report: which crossover table routes masked_linear on ``device``."""
+    cls = device_class(device)
+    used = table_class(cls, device.type == "cuda")
+    if used is None:
+        return f"masked_linear crossover on {device.type} ({cls}): no measured table, sparse kernels up to batch 4"
+    how = "measured here" if used == cls else f"none measured for {cls}: the {used} table"
+    return f"masked_linear crossover on {device.type} ({cls}): {how} ({len(_table()[used])} entries, crossover.json)"
 
 
 def choose(fmt: WeightFormat, x2: torch.Tensor, mixed: bool = False) -> str:
