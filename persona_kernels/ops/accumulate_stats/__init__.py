@@ -165,16 +165,22 @@ class PendingStats:
         if x3.shape[0] == 0 or x3.shape[1] == 0:
             return
         name = registry.resolve("accumulate_stats", self.backend, x3.device, dtype=x3.dtype)
-        part = registry.kernel("accumulate_stats", name)(x3, valid3, seg, state.edges, state.num_personas)
+        kernel = registry.kernel("accumulate_stats", name)
+        if state.edges is not None and self._hist is None:
+            # the kernels count into one running int32 histogram (flushed long before it could
+            # overflow): no call allocates, zeroes and adds a [P, C, bins] histogram of its own
+            self._hist = torch.zeros((state.num_personas, state.num_channels, state.edges.numel() - 1),
+                                     dtype=torch.int32, device=state.device)
+        part = kernel(x3, valid3, seg, state.edges, state.num_personas, hist_out=self._hist)
+        part.hist = None
         if self.deferred:
             self._flags.append(nonfinite_flag(part))
         else:
             bad = nonfinite_channels(part)
             if bad.numel():
+                if self._hist is not None:  # take this call's counts back out: a recount is exact
+                    self._hist.sub_(kernel(x3, valid3, seg, state.edges, state.num_personas).hist)
                 raise NonFiniteActivationError(_nonfinite_message(bad) + "; nothing was accumulated")
-        if part.hist is not None:  # summed as it comes, in int32 (flushed long before it could overflow)
-            self._hist = part.hist if self._hist is None else self._hist.add_(part.hist)
-            part.hist = None
         self._parts.append((part, valid_counts(part.chunks, valid3.reshape(-1)), self._samples))
         self._samples += x3.shape[0]
         self._rows += len(part.chunks)

@@ -29,7 +29,7 @@ ROWS_PER_CHUNK = 1024
 def accumulate_stats_cpp(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
                        edges: Optional[torch.Tensor], num_personas: int,
                        rows_per_chunk: int = ROWS_PER_CHUNK, num_threads: Optional[int] = None,
-                       **tuning) -> Partials:
+                       hist_out: Optional[torch.Tensor] = None, **tuning) -> Partials:
     """Launcher. x: [B, T, C] contiguous, valid: [B, T] bool, sample_persona: [B] int64.
 
     num_threads: OpenMP threads (default: torch.get_num_threads()).
@@ -46,7 +46,7 @@ def accumulate_stats_cpp(x: torch.Tensor, valid: torch.Tensor, sample_persona: t
     chunks = Chunks.split(B, T, rows_per_chunk, sample_persona)
     has_hist = edges is not None
     p = empty_partials(chunks, C, x.device, (num_personas, C, edges.numel() - 1) if has_hist else None,
-                       mean_dtype=torch.float64)
+                       mean_dtype=torch.float64, hist_out=hist_out)
     edges_arg = edges.to(device=x.device, dtype=torch.float32).contiguous() if has_hist else None
     mod.accumulate_stats_partials(
         x, valid, chunks.start, chunks.length, chunks.persona, edges_arg, p.hist,

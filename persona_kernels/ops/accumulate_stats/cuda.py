@@ -79,7 +79,7 @@ def _num_sms(device_index: int) -> int:
 
 def accumulate_stats_cuda(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
                         edges: Optional[torch.Tensor], num_personas: int,
-                        rows_per_chunk: Optional[int] = None) -> Partials:
+                        rows_per_chunk: Optional[int] = None, hist_out: Optional[torch.Tensor] = None) -> Partials:
     """Launcher. x: [B, T, C] on a CUDA device, valid: [B, T] bool, sample_persona: [B] int64.
 
     rows_per_chunk: tokens per chunk (default: default_rows_per_chunk, which fills the GPU;
@@ -101,7 +101,7 @@ def accumulate_stats_cuda(x: torch.Tensor, valid: torch.Tensor, sample_persona: 
     chunks = Chunks.split(B, T, rows_per_chunk, sample_persona.to(device=x.device, dtype=torch.int64))
     has_hist = edges is not None
     p = empty_partials(chunks, C, x.device, (num_personas, C, edges.numel() - 1) if has_hist else None,
-                       mean_dtype=torch.float64)
+                       mean_dtype=torch.float64, hist_out=hist_out)
     edges_arg = edges.to(device=x.device, dtype=torch.float32).contiguous() if has_hist else None
     valid_arg = valid.to(device=x.device, dtype=torch.bool).reshape(-1).contiguous()
     mod.accumulate_stats_partials(

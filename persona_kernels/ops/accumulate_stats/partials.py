@@ -151,10 +151,24 @@ def reduce_partials(p: Partials, n: torch.Tensor, num_samples: int, num_personas
     )
 
 
+def histogram_out(hist_out: Optional[torch.Tensor], shape: Optional[tuple], device) -> Optional[torch.Tensor]:
+    """The int32 histogram a kernel adds its counts into: ``hist_out`` (a running histogram kept
+    across calls, so no call allocates and zeroes its own) or a fresh zeroed one."""
+    if shape is None:
+        return None
+    if hist_out is None:
+        return torch.zeros(shape, dtype=torch.int32, device=device)
+    if tuple(hist_out.shape) != tuple(shape) or hist_out.dtype != torch.int32 or hist_out.device != torch.device(device) \
+            or not hist_out.is_contiguous():
+        raise ValueError(f"hist_out must be a contiguous int32 {tuple(shape)} tensor on {device}, got "
+                         f"{hist_out.dtype} {tuple(hist_out.shape)} on {hist_out.device}")
+    return hist_out
+
+
 def empty_partials(chunks: Chunks, num_channels: int, device, hist_shape: Optional[tuple],
-                   mean_dtype: torch.dtype = torch.float32) -> Partials:
+                   mean_dtype: torch.dtype = torch.float32, hist_out: Optional[torch.Tensor] = None) -> Partials:
     """Output buffers for a kernel backend: float32 accumulators, int32 counts, int32 histogram
-    (the histogram is added into, so it starts at zero; the rest is poisoned under tests).
+    (the histogram is added into: zeroed, or ``hist_out``; the rest is poisoned under tests).
 
     A kernel that keeps its running mean as shift + offset can ask for a float64 mean so the
     chunk means keep the precision stage 2's merge needs when |mean| >> std.
@@ -167,4 +181,4 @@ def empty_partials(chunks: Chunks, num_channels: int, device, hist_shape: Option
     if "mean" not in fields:
         fields["mean"] = new_output(shape, mean_dtype, device, fill=1.2345e6)
     return Partials(chunks=chunks, **fields, pos=new_output(shape, torch.int32, device, fill=-777),
-                    hist=None if hist_shape is None else torch.zeros(hist_shape, dtype=torch.int32, device=device))
+                    hist=histogram_out(hist_out, hist_shape, device))

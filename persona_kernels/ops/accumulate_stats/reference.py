@@ -11,13 +11,15 @@ import torch
 
 from ...stats.histogram import bin_index
 from ..registry import register_kernel
-from .partials import Chunks, Partials
+from .partials import Chunks, Partials, histogram_out
 
 
 @register_kernel("accumulate_stats", "reference")
 def accumulate_stats_reference(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
-                             edges: Optional[torch.Tensor], num_personas: int) -> Partials:
-    """x: [B, T, C] activations, valid: [B, T] bool, sample_persona: [B] int64."""
+                             edges: Optional[torch.Tensor], num_personas: int,
+                             hist_out: Optional[torch.Tensor] = None) -> Partials:
+    """x: [B, T, C] activations, valid: [B, T] bool, sample_persona: [B] int64. ``hist_out``: a
+    running int32 histogram the counts are added into (as the kernels do)."""
     B, T, C = x.shape
     chunks = Chunks.split(B, T, max(T, 1), sample_persona)
     xf = x.to(torch.float64)
@@ -35,6 +37,8 @@ def accumulate_stats_reference(x: torch.Tensor, valid: torch.Tensor, sample_pers
         flat = (sample_persona.view(B, 1, 1) * C + torch.arange(C, device=x.device)) * bins + b
         hist = torch.bincount(flat[valid.unsqueeze(-1).expand_as(flat)], minlength=num_personas * C * bins)
         hist = hist.view(num_personas, C, bins)
+        if hist_out is not None:
+            hist = histogram_out(hist_out, (num_personas, C, bins), x.device).add_(hist.to(torch.int32))
     return Partials(
         chunks=chunks, sum=s, mean=mean, m2=(dev * dev).sum(1), sumsq=(xs * xs).sum(1), sumabs=xs.abs().sum(1),
         pos=((xf > 0) & w).sum(1), min=torch.where(w, xf, math.inf).amin(1), max=torch.where(w, xf, -math.inf).amax(1),

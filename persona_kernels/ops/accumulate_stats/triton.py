@@ -112,13 +112,15 @@ def _accumulate_stats_kernel(
 @register_kernel("accumulate_stats", "triton")
 def accumulate_stats_triton(x: torch.Tensor, valid: torch.Tensor, sample_persona: torch.Tensor,
                           edges: Optional[torch.Tensor], num_personas: int,
-                          rows_per_chunk: int = ROWS_PER_CHUNK, block_t: int = 32, block_c: int = 64) -> Partials:
+                          rows_per_chunk: int = ROWS_PER_CHUNK, block_t: int = 32, block_c: int = 64,
+                          hist_out: Optional[torch.Tensor] = None) -> Partials:
     """Launcher. x: [B, T, C] contiguous, valid: [B, T] bool, sample_persona: [B] int64."""
     B, T, C = x.shape
     chunks = Chunks.split(B, T, rows_per_chunk, sample_persona)
     x2 = x.view(B * T, C)
     has_hist = edges is not None
-    p = empty_partials(chunks, C, x.device, (num_personas, C, edges.numel() - 1) if has_hist else None, mean_dtype=torch.float64)
+    p = empty_partials(chunks, C, x.device, (num_personas, C, edges.numel() - 1) if has_hist else None, mean_dtype=torch.float64,
+                       hist_out=hist_out)
     num_edges = edges.numel() if has_hist else 2
     edges_arg = edges.to(device=x.device, dtype=torch.float32).contiguous() if has_hist else p.sum
     grid = (len(chunks), triton.cdiv(C, block_c))
