@@ -23,8 +23,10 @@ from .reference import masked_linear_reference
 MULTI_PERSONA = ("shared_bitmask", "block")
 
 
-def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """Persona index per row of the flattened x, or None for single-persona formats."""
+def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Union[None, int, torch.Tensor]:
+    """The validated persona: None for single-persona formats, an int when one persona serves
+    every row (expanded per row by _expand only where a kernel needs it), else the persona
+    index per row of the flattened x."""
     if fmt.kind not in MULTI_PERSONA:
         if persona not in (None, 0):
             raise ValueError(f"a {fmt.kind} weight holds one persona; persona must be None, got {persona!r}")
@@ -40,7 +42,7 @@ def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Optional[torch
     if isinstance(persona, int) and not isinstance(persona, bool):
         if not 0 <= persona < P:
             raise ValueError(f"persona index {persona} out of range for {P} personas")
-        return torch.full((rows,), persona, dtype=torch.int64, device=x.device)
+        return persona
     if not isinstance(persona, torch.Tensor) or persona.dtype.is_floating_point or persona.dtype == torch.bool:
         raise TypeError(f"persona must be an int or an integer tensor, got {type(persona).__name__}")
     p = persona.to(device=x.device, dtype=torch.int64)
@@ -55,6 +57,13 @@ def _persona_rows(fmt: WeightFormat, persona, x: torch.Tensor) -> Optional[torch
     if not torch.compiler.is_compiling():  # traced calls check inside the op (ops/library.py)
         check_persona_range(p, P)
     return p
+
+
+def _expand(persona: Union[None, int, torch.Tensor], x2: torch.Tensor) -> Optional[torch.Tensor]:
+    """A validated persona as the kernels take it: None, or an int64 index per row of x2."""
+    if isinstance(persona, int):
+        return torch.full((x2.shape[0],), persona, dtype=torch.int64, device=x2.device)
+    return persona
 
 
 def _check(x: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor]) -> None:
@@ -108,20 +117,20 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
     """
     _check(x, weight, bias)
     x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
-    prow = _persona_rows(weight, persona, x)
+    p = _persona_rows(weight, persona, x)
     if backend == "auto":
-        name = choose(weight, x2, mixed=prow is not None and isinstance(persona, torch.Tensor))
+        name = choose(weight, x2, mixed=p is not None and isinstance(persona, torch.Tensor))
     else:
         name = registry.resolve("masked_linear", backend, x.device, weight.kind, dtype=x.dtype)
     if torch.compiler.is_compiling() and weight.kind != "semi24":
         tensors, ints = weight.op_args()
-        y = torch.ops.persona_kernels.masked_linear(x2, weight.kind, tensors, ints, bias, prow, name)
-    elif name == "dense" and prow is not None and not isinstance(persona, torch.Tensor):
-        # one persona given as an int: its cached masked weight directly (the per-row path would
-        # find the persona with unique(), a device sync on every call of a GPU decode step)
-        y = F.linear(x2, weight.dense_for(0 if persona is None else int(persona)), bias)
+        y = torch.ops.persona_kernels.masked_linear(x2, weight.kind, tensors, ints, bias, _expand(p, x2), name)
+    elif name == "dense" and isinstance(p, int):
+        # one persona for every row: its cached masked weight directly (per-row indices would be
+        # built, then searched with unique(), a device sync on every call of a GPU decode step)
+        y = F.linear(x2, weight.dense_for(p), bias)
     else:
-        y = run_kernel(name, x2, weight, bias, prow)
+        y = run_kernel(name, x2, weight, bias, _expand(p, x2))
     return y if x.ndim == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
