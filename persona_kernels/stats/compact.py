@@ -31,8 +31,8 @@ def _pack_counts(name: str, t: torch.Tensor) -> dict:
         costs["i16"] = 2 * flat.numel()
     if top < 2 ** 31:
         costs["i32"] = 4 * flat.numel()
-    best = min(costs, key=costs.get) if costs else None
-    if best is None or costs[best] >= 8 * flat.numel():
+    best = min(costs, key=costs.get)
+    if costs[best] >= 8 * flat.numel():
         return {name: t}
     if best == "i16":
         return {name: t.to(torch.int16)}

@@ -84,15 +84,20 @@ def valid_counts(chunks: Chunks, row_valid: torch.Tensor) -> torch.Tensor:
 MAX_ABS_ACTIVATION = 1e15
 
 
+def _nonfinite(p: Partials) -> torch.Tensor:
+    """[chunks, C] bool: a NaN or Inf input (it poisons its chunk's sum) or an |x| above
+    MAX_ABS_ACTIVATION (an Inf's absmax is above it too; below it no sum of squares overflows)."""
+    return ~torch.isfinite(p.sum) | (p.absmax > MAX_ABS_ACTIVATION)
+
+
 def nonfinite_flag(p: Partials) -> torch.Tensor:
-    """0-dim bool on the partials' device: any NaN/Inf or |x| above MAX_ABS_ACTIVATION (no host read)."""
-    return (~torch.isfinite(p.sum) | (p.absmax > MAX_ABS_ACTIVATION)).any()
+    """0-dim bool on the partials' device, any channel _nonfinite (no host read)."""
+    return _nonfinite(p).any()
 
 
 def nonfinite_channels(p: Partials) -> torch.Tensor:
-    """Channels with a NaN or Inf input (it poisons its chunk's sum) or an |x| above
-    MAX_ABS_ACTIVATION (an Inf's absmax is above it too; below it no sum of squares overflows)."""
-    bad = ~torch.isfinite(p.sum) | (p.absmax > MAX_ABS_ACTIVATION)
+    """The channels with a _nonfinite chunk (an empty index in the common case)."""
+    bad = _nonfinite(p)
     if not bool(bad.any()):  # the common case: one reduction, no index work
         return bad.new_zeros(0, dtype=torch.int64)
     return bad.any(0).nonzero().flatten()

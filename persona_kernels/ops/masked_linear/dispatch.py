@@ -30,8 +30,8 @@ from .. import registry
 _TABLE_FILE = os.path.join(os.path.dirname(__file__), "crossover.json")
 _OVERRIDES: dict = {}
 _ROUTES: dict = {}  # (kind, device, dtype) -> (sparse backend or None, max_batch, fallback, min_sparsity)
-_TORCH_FALLBACK = ("compacted", "semi24")
-NEAREST_MEASURED_GPU = "h200"  # formats whose 'torch' kernel beats densifying
+_TORCH_FALLBACK = ("compacted", "semi24")  # formats whose 'torch' kernel beats densifying
+NEAREST_MEASURED_GPU = "h200"  # the table a GPU without one of its own uses (see table_class)
 
 
 def device_class(device: torch.device) -> str:
@@ -98,7 +98,8 @@ def table_key(kind: str, dtype: torch.dtype) -> str:
 def _route(kind: str, device: torch.device, dtype: torch.dtype) -> tuple:
     fallback = fallback_route(kind)
     name = _sparse_backend(kind, device)
-    table = _table().get(table_class(device_class(device), device.type == "cuda") or "", {})
+    used = table_class(device_class(device), device.type == "cuda")
+    table = _table()[used] if used else {}
     entry = table.get(table_key(kind, dtype), table.get(kind))
     if entry is not None and entry.get("backend"):
         name = entry["backend"] if backends.available(entry["backend"], device) else name
