@@ -262,15 +262,14 @@ class MaskedLinear(_WatchesWeights):
                 raise PersonaError(f"set_batch_personas was given {B} personas but the batch has "
                                    f"{x.shape[0] if x.ndim >= 2 else 1} sequences (or rows not a multiple of {B})")
         b = self._bias
-        if not h.gamma and (b is None or b.dtype == x2.dtype):
-            y = self._weight(x2, _row_personas(h, x2.shape[0], dev), b)
-        else:
+        fused_bias = not h.gamma and (b is None or b.dtype == x2.dtype)  # added by the kernel / GEMM itself
+        y = self._weight(x2, _row_personas(h, x2.shape[0], dev), b if fused_bias else None)
+        if h.gamma:
             # soft gate G = M + gamma (1 - M): x (W*G)^T = (1 - gamma) x (W*M)^T + gamma x W^T
-            y = self._weight(x2, _row_personas(h, x2.shape[0], dev))
             dense = torch.nn.functional.linear(x2, linear_weight(self.base))
             y = (1 - h.gamma) * y + h.gamma * dense
-            if self._bias is not None:
-                y = y + self._bias
+        if b is not None and not fused_bias:
+            y = y + b
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.device == x.device else y.to(x.device)
 

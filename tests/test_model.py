@@ -133,6 +133,26 @@ def test_sampling_generation_and_soft_gate():
     torch.testing.assert_close(_logits(gated, tok), _logits(soft, tok), rtol=1e-5, atol=1e-5)
 
 
+def test_bias_of_another_dtype_is_added_after_the_product_without_a_dense_pass(monkeypatch):
+    """A bias the kernels cannot take (another dtype than x) is added after the masked product;
+    without a soft gate the dense weight is never multiplied (its product would be scaled by 0)."""
+    layer = torch.nn.Linear(24, 10)
+    with torch.no_grad():
+        layer.bias.data = torch.randn(10, dtype=torch.float64)
+    model = torch.nn.Sequential(layer)
+    mask = torch.rand(10, 24) < 0.5
+    store = MaskStore.from_masks(model, {"a": {"0": mask}, "b": {"0": ~mask}})
+    x = torch.randn(3, 24)
+    want = x.double() @ (layer.weight.double() * mask.double()).T + layer.bias
+    pm.apply(model, store, persona="a")
+    monkeypatch.setattr(pm, "linear_weight", lambda m: (_ for _ in ()).throw(AssertionError("dense product")))
+    with torch.inference_mode():
+        got = model(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    pm.remove(model)
+
+
 def test_block_format_with_block_masks():
     model = tiny_causal_lm("llama")
     mods = dict(model.named_modules())
