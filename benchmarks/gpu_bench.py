@@ -111,9 +111,9 @@ def bitmap_knobs(p: dict) -> list[dict]:
     from persona_kernels.formats import BitmapWeight
     from persona_kernels.ops.masked_linear.cuda import bitmap_linear_config
 
-    if p["device"] != "cuda" or _native.load("cuda") is None:
+    mod = _native.load("cuda") if p["device"] == "cuda" else None
+    if mod is None:
         return []
-    mod = _native.require("cuda")
     dev = torch.device("cuda")
     rows = []
     for (o, i) in [(14336, 4096), (4096, 14336)]:
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     res["profile_accumulate_stats"] = section("profile_accumulate_stats", lambda: profile_accumulate(p))
     res["bitmap_knobs"] = section("bitmap_knobs", lambda: bitmap_knobs(p))
     res["masked_linear"] = section("masked_linear", lambda: masked_linear(p, start + args.budget_s, args.dispatched_only))
-    if res["masked_linear"]:
+    if res["masked_linear"] and not args.dispatched_only:  # the crossover needs the kernels' own rows
         res["crossover"] = gpu_crossover(res["masked_linear"], p["dtype"], dispatch.device_class(torch.device(p["device"])))
         with open(os.path.join(args.out, "crossover_gpu.json"), "w") as f:
             json.dump(res["crossover"], f, indent=2, sort_keys=True)
