@@ -107,7 +107,7 @@ def bench_model(model: nn.Module, sparsities: Sequence[float] = (), tokens: int 
     rows = [dict(sparsity=0.0, format="dense", tokens_per_s=dense.median, min=min(dense.runs), max=max(dense.runs),
                  speedup=1.0)]
     log(f"dense: {dense}")
-    stores = [(masks, persona or masks.personas[0])] if masks is not None else \
+    stores = [(masks, persona)] if masks is not None else \
         [(magnitude_masks(model, s), None) for s in sparsities]
     for store, who in stores:
         who = who or store.personas[0]
