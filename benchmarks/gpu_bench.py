@@ -204,18 +204,19 @@ def e2e(p: dict) -> list[dict]:
     rows.append({"sparsity": 0.0, "format": "dense", **dense})
     for s in p["e2e_sparsities"]:
         store = magnitude_masks(model, s)
-        pm.apply(model, store, persona=store.personas[0])
-        try:
-            r = {"sparsity": s, "format": "persona (auto)", "tok_s": decode_tokens_per_s(model, p["e2e_tokens"], device=dev, reps=3),
-                 "step": step_times(model, dev, False)}
-            if dev.type == "cuda":
-                try:
-                    r["step_graph"] = step_times(model, dev, True)
-                except Exception as exc:  # noqa: BLE001 - a capture failure is a result to report
-                    r["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            pm.remove(model)
-        rows.append(r)
+        for fuse in (True, False):  # fused q/k/v and gate/up persona weights (apply's default), and separate layers
+            pm.apply(model, store, persona=store.personas[0], fuse=fuse)
+            try:
+                r = {"sparsity": s, "format": "persona (auto)" if fuse else "persona (auto, unfused)",
+                     "tok_s": decode_tokens_per_s(model, p["e2e_tokens"], device=dev, reps=3), "step": step_times(model, dev, False)}
+                if dev.type == "cuda":
+                    try:
+                        r["step_graph"] = step_times(model, dev, True)
+                    except Exception as exc:  # noqa: BLE001 - a capture failure is a result to report
+                        r["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            finally:
+                pm.remove(model)
+            rows.append(r)
     for r in rows:
         r["speedup_tok_s"] = r["tok_s"] / dense["tok_s"]
         r["speedup_step"] = dense["step"] / r["step"]

@@ -189,6 +189,26 @@ def in_mlp_block(name: str) -> bool:
     return _MLP_BLOCK.search(name) is not None
 
 
+# Sibling projections that every supported architecture calls on the same input tensor, in the
+# order it calls them: their persona weights can be streamed by one kernel call.
+SIBLING_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def sibling_groups(names: Sequence[str]) -> list[list[str]]:
+    """Groups of ``names`` that are sibling projections of one module (SIBLING_PROJECTIONS, every
+    member present), e.g. ['model.layers.0.self_attn.q_proj', '...k_proj', '...v_proj']."""
+    present = set(names)
+    groups = []
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        for sibs in SIBLING_PROJECTIONS:
+            if leaf == sibs[0]:
+                group = [f"{parent}.{s}" if parent else s for s in sibs]
+                if all(g in present for g in group):
+                    groups.append(group)
+    return groups
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -272,6 +292,7 @@ class LayerFilter:
 
 __all__ = ["ACT_ATTRS", "Conv1D", "LayerFilter", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture",
            "activation_attr", "cache_kwargs", "check_supported", "decoder_layers", "forward_params", "max_positions",
-           "output_cache", "padded_inputs", "saveable", "gated_mlps", "hidden_size", "in_mlp_block",
+           "output_cache", "padded_inputs", "saveable", "SIBLING_PROJECTIONS", "sibling_groups",
+           "gated_mlps", "hidden_size", "in_mlp_block",
            "intermediate_size", "is_conv1d", "is_output_head", "is_plain_linear", "layer_index", "linear_layers",
            "linear_shape", "linear_weight", "named_weight", "output_head", "set_module", "unwrap"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -36,6 +37,7 @@ from .hf import (
     linear_shape,
     linear_weight,
     set_module,
+    sibling_groups,
     unwrap,
 )
 from .masks.store import MaskStore
@@ -174,6 +176,41 @@ class _PersonaWeight:
         return out
 
 
+class _FusedProjections:
+    """Sibling projections that read the same input (q/k/v, gate/up) under one persona weight of
+    their stacked rows. The first member called on an input runs one kernel call for all of them
+    and keeps the others' columns; a member called next on that same tensor, persona and bias
+    mode takes its columns without a call. Under torch.compile (no Python state across calls)
+    each member runs the stacked call and keeps its own columns: pass ``fuse=False`` to apply()
+    for compiled models."""
+
+    def __init__(self, weight: _PersonaWeight, widths: Sequence[int], bias: Optional[torch.Tensor]):
+        self.weight, self.bias = weight, bias
+        self.bounds = [0]
+        for w in widths:
+            self.bounds.append(self.bounds[-1] + w)
+        self._source = None   # (weakref to the input, its version, persona, batch, bias mode)
+        self._pending: dict = {}
+
+    def _stacked(self, x2: torch.Tensor, persona, bias_on: bool) -> torch.Tensor:
+        return self.weight(x2, persona, self.bias if bias_on else None)
+
+    def __call__(self, slot: int, x: torch.Tensor, x2: torch.Tensor, persona, h: "PersonaHandle",
+                 bias_on: bool) -> torch.Tensor:
+        lo, hi = self.bounds[slot], self.bounds[slot + 1]
+        if torch.compiler.is_compiling():
+            return self._stacked(x2, persona, bias_on)[:, lo:hi]
+        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
+        src = self._source
+        if (src is not None and slot in self._pending and src[0]() is x and src[1] == version and src[2] == h.current
+                and src[3] is h.batch and src[4] == bias_on):
+            return self._pending.pop(slot)
+        y = self._stacked(x2, persona, bias_on)
+        self._pending = {s: y[:, self.bounds[s]:self.bounds[s + 1]] for s in range(len(self.bounds) - 1) if s != slot}
+        self._source = (weakref.ref(x), version, h.current, h.batch, bias_on)
+        return y[:, lo:hi]
+
+
 def _row_personas(h: "PersonaHandle", rows: int, device) -> object:
     """The persona of each of ``rows`` flattened rows: the current index, or in a mixed batch an
     int64 [rows] tensor (the rows in batch-major order: [B, ..., in] or flattened [B*T, in])."""
@@ -223,13 +260,16 @@ class MaskedLinear(_WatchesWeights):
 
     _pk_wrapper = True
 
-    def __init__(self, base: nn.Module, handle: PersonaHandle, fmt, kind: str, backend: str):
+    def __init__(self, base: nn.Module, handle: PersonaHandle, fmt, kind: str, backend: str,
+                 group: Optional[_FusedProjections] = None, slot: int = 0):
         super().__init__()
         self.base = base
         self._register_original_keys()
         self.out_features, self.in_features = linear_shape(base)
         self._handle, self._kind = handle, kind
-        self._weight = _PersonaWeight(fmt, kind, backend, self.out_features)
+        # a member of fused sibling projections shares the group's stacked weight (fmt is None)
+        self._group, self._slot = group, slot
+        self._weight = group.weight if group is not None else _PersonaWeight(fmt, kind, backend, self.out_features)
         self._bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
         self._watch()
 
@@ -241,8 +281,9 @@ class MaskedLinear(_WatchesWeights):
         return self._weight._fmt
 
     def extra_repr(self) -> str:
+        fused = f", fused={len(self._group.bounds) - 1}" if self._group is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self._kind}, "
-                f"personas={len(self._handle.personas)}")
+                f"personas={len(self._handle.personas)}{fused}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._handle
@@ -263,7 +304,11 @@ class MaskedLinear(_WatchesWeights):
                                    f"{x.shape[0] if x.ndim >= 2 else 1} sequences (or rows not a multiple of {B})")
         b = self._bias
         fused_bias = not h.gamma and (b is None or b.dtype == x2.dtype)  # added by the kernel / GEMM itself
-        y = self._weight(x2, _row_personas(h, x2.shape[0], dev), b if fused_bias else None)
+        personas = _row_personas(h, x2.shape[0], dev)
+        if self._group is not None:
+            y = self._group(self._slot, x, x2, personas, h, fused_bias)
+        else:
+            y = self._weight(x2, personas, b if fused_bias else None)
         if h.gamma:
             # soft gate G = M + gamma (1 - M): x (W*G)^T = (1 - gamma) x (W*M)^T + gamma x W^T
             dense = torch.nn.functional.linear(x2, linear_weight(self.base))
@@ -454,10 +499,20 @@ def _resolve_format(fmt: str) -> str:
     return "bitmap" if fmt == "auto" else fmt
 
 
+def _fusable(members: Sequence[nn.Module]) -> bool:
+    """Sibling projections can share a stacked weight: one input width, one weight dtype and
+    device, resident weights, and biases on all (of one dtype) or none."""
+    ws = [linear_weight(m) for m in members]
+    bs = [getattr(unwrap(m), "bias", None) for m in members]
+    return (len({w.shape[1] for w in ws}) == 1 and len({(w.dtype, w.device) for w in ws}) == 1
+            and ws[0].device.type != "meta"
+            and (all(b is None for b in bs) or (all(b is not None for b in bs) and len({b.dtype for b in bs}) == 1)))
+
+
 def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, format: str = "auto",
           backend: str = "auto", layers: Optional[Sequence[str]] = None, gamma: float = 0.0,
           block: tuple = (16, 16), filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
-          tied_embedding: str = "keep") -> PersonaHandle:
+          tied_embedding: str = "keep", fuse: bool = True) -> PersonaHandle:
     """Swap every masked linear layer of ``model`` (or the named ``layers``) for a MaskedLinear.
 
     ``persona``: the active persona (None: the original dense model until set_persona).
@@ -468,6 +523,9 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     ``tied_embedding``: when the store masks an output head that shares its weight with the
     input embedding: 'keep' (default: the embedding lookup stays unmasked) or 'mask' (the
     looked-up rows are masked too, as masking the shared weight in place does).
+    ``fuse``: sibling projections that read the same input (q/k/v, gate/up) share one stacked
+    persona weight, streamed by one kernel call per input (fewer calls per decode step; the
+    same outputs). Turn it off for torch.compile, where each member would run the stacked call.
     """
     if tied_embedding not in TIED_EMBEDDING:
         raise ValueError(f"tied_embedding must be one of {TIED_EMBEDDING}, got {tied_embedding!r}")
@@ -500,7 +558,21 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     handle = PersonaHandle(model, list(masks.personas), gamma=gamma, format=kind)
     handle.current = handle.index(persona)
     built = {}
+    if fuse and kind != "block":  # block tiles need each member's rows whole: not stacked
+        for group in sibling_groups([n for n in names if n not in slots]):
+            members = [modules[n] for n in group]
+            if _fusable(members):
+                w = torch.cat([linear_weight(m).detach() for m in members])
+                stacked = torch.cat([torch.stack([masks.mask(p, n) for p in masks.personas]) for n in group], -2)
+                bias = torch.cat([m.bias.detach() for m in members]) if members[0].bias is not None else None
+                fused = _FusedProjections(_PersonaWeight(_build_format(kind, w.contiguous(), stacked.to(w.device), block),
+                                                         kind, backend, w.shape[0]),
+                                          [linear_shape(m)[0] for m in members], bias)
+                for slot, (n, m) in enumerate(zip(group, members)):
+                    built[n] = MaskedLinear(m, handle, None, kind, backend, group=fused, slot=slot)
     for name in names:  # build everything first: a failure leaves the model unchanged
+        if name in built:
+            continue
         slot = slots.get(name)
         base = modules[slot.module] if slot else modules[name]
         w = (slot_weight(base, slot.param, slot.expert) if slot else linear_weight(base)).detach()

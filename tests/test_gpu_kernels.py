@@ -81,3 +81,42 @@ def test_topk_mask_on_device(backend):
     score[:, 100:110] = 0.5  # ties: the lower column wins
     got = pk.ops.topk_mask.topk_mask(score.to(DEVICE), 101, backend=backend).cpu()
     assert torch.equal(got, pk.ops.topk_mask.topk_mask_reference(score, 101))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_persona_model_fused_and_separate_on_device(dtype):
+    """A whole tiny Llama on DEVICE through the persona layer (the dispatcher's kernels: CUDA there),
+    fused q/k/v and gate/up against separate layers and a masked copy's logits in float64."""
+    import copy
+
+    import persona_kernels.model as pm
+    from persona_kernels.masks import MaskStore
+    from persona_kernels.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", seed=7)
+    g = torch.Generator().manual_seed(8)
+    masks = {p: {n: torch.rand(m.weight.shape, generator=g) < 0.4 for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.endswith("_proj")} for p in ("a", "b")}
+    store = MaskStore.from_masks(model, masks)
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for n, m in ref.named_modules():
+            if n in masks["b"]:
+                m.weight.mul_(masks["b"][n])
+    ids = torch.randint(3, 60, (2, 9), generator=g)
+    with torch.inference_mode():
+        want = ref(input_ids=ids).logits.float()
+    model = model.to(DEVICE, dtype)
+    got = {}
+    for fuse in (True, False):
+        pm.apply(model, store, persona="b", fuse=fuse)
+        with torch.inference_mode():  # batch 2 (kernels) and one row (decode GEMV)
+            got[fuse] = (model(input_ids=ids.to(DEVICE)).logits.float().cpu(),
+                         model(input_ids=ids[:1].to(DEVICE)).logits.float().cpu())
+        pm.remove(model)
+    # bf16 logits here are off by about 3e-3 at most; another persona's are off by 0.4
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    for fuse in (True, False):
+        torch.testing.assert_close(got[fuse][0], want, **tol)
+        torch.testing.assert_close(got[fuse][1], want[:1], **tol)
+    torch.testing.assert_close(got[True][0], got[False][0], **tol)

@@ -99,10 +99,11 @@ def switch_cost_ns(model: nn.Module, names: Sequence[str], reps: int = 200_000) 
 
 def bench_model(model: nn.Module, sparsities: Sequence[float] = (), tokens: int = 32, batch: int = 1, device="cpu",
                 formats: Sequence[str] = ("auto",), log=print, runs: int = 5, masks: Optional[MaskStore] = None,
-                persona: Optional[str] = None) -> list[dict]:
-    """Rows of {sparsity, format, tok/s (median, min, max), speedup, switch ns} against the dense
-    model measured in the same run: magnitude masks at ``sparsities``, or the user's ``masks``
-    (their ``persona``, default the first)."""
+                persona: Optional[str] = None, fuse: Sequence[bool] = (True,)) -> list[dict]:
+    """Rows of {sparsity, format, fused, tok/s (median, min, max), speedup, switch ns} against the
+    dense model measured in the same run: magnitude masks at ``sparsities``, or the user's
+    ``masks`` (their ``persona``, default the first); ``fuse``: apply()'s fused sibling
+    projections on, off, or both (False, True) to compare."""
     dense = decode_runs(model, tokens, batch, device=device, runs=runs)
     rows = [dict(sparsity=0.0, format="dense", tokens_per_s=dense.median, min=min(dense.runs), max=max(dense.runs),
                  speedup=1.0)]
@@ -112,16 +113,17 @@ def bench_model(model: nn.Module, sparsities: Sequence[float] = (), tokens: int 
     for store, who in stores:
         who = who or store.personas[0]
         density = store.density(who)["*"]
-        for fmt in formats:
-            handle = pm.apply(model, store, persona=who, format=fmt)
+        for fmt, fused in ((f, u) for f in formats for u in fuse):
+            handle = pm.apply(model, store, persona=who, format=fmt, fuse=fused)
             try:
                 t = decode_runs(model, tokens, batch, device=device, runs=runs)
                 sw = switch_cost_ns(model, store.personas)
             finally:
                 pm.remove(model)
-            rows.append(dict(sparsity=1 - density, format=handle.format, persona=who, tokens_per_s=t.median, min=min(t.runs),
-                             max=max(t.runs), speedup=t.median / dense.median, switch_ns=sw))
-            log(f"{who} ({1 - density:.0%} sparse, {handle.format}): {t}, {t.median / dense.median:.2f}x dense; "
+            rows.append(dict(sparsity=1 - density, format=handle.format, fused=fused, persona=who, tokens_per_s=t.median,
+                             min=min(t.runs), max=max(t.runs), speedup=t.median / dense.median, switch_ns=sw))
+            log(f"{who} ({1 - density:.0%} sparse, {handle.format}{'' if fused else ', unfused'}): {t}, "
+                f"{t.median / dense.median:.2f}x dense; "
                 f"persona switch {sw:.0f} ns")
     return rows
 
@@ -146,11 +148,23 @@ def bench_mixed_batch(model: nn.Module, sparsity: float, batch: int, personas: i
 
 def run_decode_bench(model_spec: str, sparsities: Sequence[float], tokens: int = 32, device="cpu",
                      out: Optional[str] = None, dtype: str = "float32", runs: int = 5, batch: int = 1,
-                     masks: Optional[str] = None, persona: Optional[str] = None) -> list[dict]:
+                     masks: Optional[str] = None, persona: Optional[str] = None,
+                     fuse: Sequence[bool] = (True,)) -> list[dict]:
     from .loading import input_device, load_model
 
     model, _ = load_model(model_spec, dtype, device)
     store = MaskStore.load(masks, model=model) if masks else None
     if store is not None and persona is not None:
         store.index(persona)  # an unknown persona is an error before any timing
-    return bench_model(model, sparsities, tokens, batch, device=input_device(model), runs=runs, masks=store, persona=persona)
+    rows = bench_model(model, sparsities, tokens, batch, device=input_device(model), runs=runs, masks=store,
+                       persona=persona, fuse=fuse)
+    if out:
+        import json
+        import os
+
+        from ..io import atomic_write_text
+
+        meta = dict(model=model_spec, dtype=dtype, device=str(device), tokens=tokens, batch=batch, runs=runs)
+        path = atomic_write_text(os.path.join(out, "bench.json"), json.dumps(dict(meta, rows=rows), indent=1))
+        print(f"wrote {path}")
+    return rows

@@ -443,7 +443,8 @@ def cmd_bench(args) -> int:
         raise ValueError("--runs, --tokens and --batch must be positive")
     run_decode_bench(args.model, sparsities=[float(s) for s in args.sparsity.split(",")], tokens=args.tokens,
                      device=args.device, out=args.out, dtype=args.dtype, runs=args.runs, batch=args.batch,
-                     masks=args.masks, persona=args.persona)
+                     masks=args.masks, persona=args.persona,
+                     fuse={"on": (True,), "off": (False,), "both": (False, True)}[args.fuse])
     return 0
 
 
@@ -669,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--masks", help="time your own mask store instead of magnitude masks at --sparsity")
     p.add_argument("--persona", help="the persona of --masks to time (default: its first)")
+    p.add_argument("--fuse", choices=("on", "off", "both"), default="on",
+                   help="fused q/k/v and gate/up persona weights (apply(fuse=)); 'both' times each")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in model -> a report directory")
