@@ -303,3 +303,25 @@ def test_shared_prefix_scoring_when_items_differ_only_in_their_answers():
                 lp = _token_logprobs(model, p + tok(" " + getattr(it, side), add_special_tokens=False)["input_ids"])[len(p) - 1:]
                 assert float(got) == pytest.approx(sum(lp), rel=1e-5, abs=1e-5), (bs, i, side)
     remove(model)
+
+
+def test_study_reuses_lower_layers_with_the_same_numbers(tmp_path):
+    """Configurations that change only later layers (a last-half layer set, steering at layer 2)
+    replay the layers below from a record: every row equals the study run whole (--no-reuse)."""
+    import json
+
+    common = ["study", "--methods", "wanda", "--controls", "random", "--sparsities", "0.5", "--layer-sets", "last_half",
+              "--max-samples", "10", "--max-calibration", "8", "--decode-tokens", "0", "--generations", "0",
+              "--localize-texts", "0", "--no-npti", "--steer-layers", "2", "--steer-strengths", "2,4", "--quiet"]
+    res = {}
+    for tag, extra in (("reuse", []), ("whole", ["--no-reuse"])):
+        assert main([*common, "--out", str(tmp_path / tag), *extra]) == 0
+        res[tag] = json.load(open(tmp_path / tag / "study.json"))
+    reuse = res["reuse"]["lower_layer_reuse"]
+    assert reuse["replayed_sessions"] > 0 and reuse["records"] > 0 and res["whole"]["lower_layer_reuse"] is None
+    keys = ("config", "scoring", "matching", "shift", "mcnemar_p", "ppl", "own_logp")
+    rows = {t: [{k: r[k] for k in keys} for r in res[t]["rows"]] for t in res}
+    assert rows["reuse"] == rows["whole"] and len(rows["reuse"]) >= 7
+    for t in res:  # the per-item scores too
+        res[t]["items"] = {p.name: json.loads(p.read_text()) for p in (tmp_path / t / "items").iterdir()}
+    assert res["reuse"]["items"] == res["whole"]["items"]

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(persona_kernels.__file__)
 # (persona_kernels/__init__.py, __main__.py) is outside the layers.
 LAYERS = [
     ["_version", "_native", "bitpack", "io", "hf", "moe", "fingerprint", "backends", "stats", "data", "testing", "builtin", "prompts",
-     "distributed", "evaluate", "localize"],
+     "distributed", "evaluate", "localize", "reuse"],
     ["ops.registry", "formats"],
     ["ops"],
     ["sites", "calibrate"],

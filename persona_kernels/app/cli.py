@@ -384,7 +384,7 @@ def cmd_study(args) -> int:
                       validation_fraction=args.validation_fraction, max_damage=args.max_damage, seed=args.seed,
                       scorings=args.scorings.split(","), batch_size=args.batch_size,
                       decode_tokens=args.decode_tokens, progress=not args.quiet, generations=args.generations,
-                      localize_texts=args.localize_texts,
+                      localize_texts=args.localize_texts, reuse_lower_layers=not args.no_reuse,
                       system_prompts={pos: args.pos_system, neg: args.neg_system} if args.pos_system else {})
     out = run_study(model, tok, calib_data, items, args.out, cfg, prompt_format(args))
     print(out["markdown"])
@@ -622,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npti-strength", type=float, default=1.0)
     p.add_argument("--npti-strengths", help="several NPTI strengths (overrides --npti-strength)")
     p.add_argument("--no-steering", action="store_true")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="run every configuration whole (default: the layers below its first modified one are computed "
+                        "once per item set and reused; exact)")
     p.add_argument("--steer-layers", help="decoder layers to steer, one configuration each (default: 1/3, 1/2, 2/3 depth)")
     p.add_argument("--steer-strengths", default="2,4,8", help="steering coefficients")
     p.add_argument("--sweep", action="store_true",

@@ -15,6 +15,7 @@ persona's) answer: a configuration of the first pole should raise it, one of the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -32,6 +33,7 @@ from ..hf import LayerFilter, decoder_layers
 from ..io import atomic_write_text
 from ..masks import LAYER_SETS, MODES, build_masks, layer_range
 from ..prompts import PromptFormat
+from ..reuse import LowerLayers, first_modified_layer
 
 MASK_METHODS = ("wanda", "contrastive_wanda", "contrastive_sparse")
 CONTROLS = ("random", "magnitude")
@@ -80,6 +82,7 @@ class StudyConfig:
     validation_fraction: float = 0.5
     max_damage: float = 0.10
     seed: int = 0
+    reuse_lower_layers: bool = True  # hidden states below a configuration's first modified layer: computed once
 
     def __post_init__(self):
         bad = [s for s in self.layer_sets if s not in STUDY_LAYER_SETS]
@@ -148,7 +151,15 @@ class Study:
         self.neutral = neutral_texts()
         self.candidates: dict = {}
         self.stores: dict = {}  # (method, sparsity, mode) -> MaskStore of every layer
+        self.reuse = LowerLayers(model) if cfg.reuse_lower_layers else None
         os.makedirs(out_dir, exist_ok=True)
+
+    def _reusing(self, key):
+        """Evaluations of one workload (``key``) share the layers below the first one a
+        configuration modifies (reuse.py; exact, bit for bit)."""
+        if self.reuse is None:
+            return contextlib.nullcontext()
+        return self.reuse.session(key, first_modified_layer(self.model))
 
     def _timed(self, name, fn):
         t0 = time.perf_counter()
@@ -162,14 +173,16 @@ class Study:
         """Evaluate the model as it is now on ``items``: one row per scoring rule (kept in
         self.rows, or self.validation_rows for the sweep's validation part)."""
         prompt = prompt or self.prompt
-        ppl = self._timed("perplexity", lambda: perplexity(self.model, self.tok, self.neutral, self.cfg.batch_size))
+        with self._reusing(("perplexity",)):
+            ppl = self._timed("perplexity", lambda: perplexity(self.model, self.tok, self.neutral, self.cfg.batch_size))
         tps = float("nan") if split == "validation" else self._timed(
             "decode", lambda: _decode_tok_s(self.model, self.tok, self.cfg.decode_tokens))
         label = cand.label + (f"/{pole}" if pole and cand.kind != "baseline" else "")
         results = {}
         for scoring in self.cfg.scorings[:1] if split == "validation" else self.cfg.scorings:
-            res = self._timed("evaluate", lambda: evaluate_mc(self.model, self.tok, items, self.cfg.batch_size,
-                                                              scoring=scoring, prompt=prompt, progress=self.cfg.progress))
+            with self._reusing(("mc", split, scoring, repr(prompt))):
+                res = self._timed("evaluate", lambda: evaluate_mc(self.model, self.tok, items, self.cfg.batch_size,
+                                                                  scoring=scoring, prompt=prompt, progress=self.cfg.progress))
             ref = base.get(scoring) if base else None
             b, c, p = mcnemar(res.correct, ref.correct) if ref is not None else (0, 0, 1.0)
             row = dict(config=label, family=cand.family, kind=cand.kind, pole=pole or "-", sparsity=cand.sparsity,
@@ -382,8 +395,11 @@ class Study:
 
     def write(self) -> dict:
         path = os.path.join(self.out, "study.json")
+        reuse = None if self.reuse is None else dict(replayed_sessions=self.reuse.replayed, records=len(self.reuse.records),
+                                                     recorded_mb=self.reuse.nbytes / 2**20)
         atomic_write_text(path, json.dumps({"rows": self.rows, "validation_rows": self.validation_rows,
-                                            "selection": self.selection, "timings_s": self.timings}, indent=1, default=str))
+                                            "selection": self.selection, "timings_s": self.timings,
+                                            "lower_layer_reuse": reuse}, indent=1, default=str))
         md = to_markdown(self.rows, self.timings, self.cfg.personas)
         if self.selection:
             md += "\n\n## Selection on the validation items\n\n" + selection_markdown(self.selection, self.cfg.max_damage)
