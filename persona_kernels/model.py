@@ -235,13 +235,15 @@ class _WatchesWeights(_OriginalKeys):
         # the tensors themselves are kept (a plain attribute): the forward's check then costs no
         # submodule lookups. model.to() swaps their data in place, so they stay the live weights.
         self._watched_tensors = self._watched()
-        self._versions = tuple(t._version for t in self._watched_tensors)
+        # inference tensors (a model built under torch.inference_mode) keep no version counter
+        self._counted = tuple(t for t in self._watched_tensors if not t.is_inference())
+        self._versions = tuple(t._version for t in self._counted)
 
     def _edited(self) -> bool:
         v = self._versions
         if v is not None and len(v) == 1:  # one watched weight (every linear wrapper): the hot path, no tuple built
-            return v[0] != self._watched_tensors[0]._version
-        return v != tuple(t._version for t in self._watched_tensors)
+            return v[0] != self._counted[0]._version
+        return v != tuple(t._version for t in self._counted)
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -419,3 +419,18 @@ def test_a_copy_of_an_applied_model_keeps_the_edit_check():
         model.get_submodule(store.layers[0]).base.weight.add_(1.0)
     with pytest.raises(pm.PersonaError, match="modified in place"):
         _logits(copy.deepcopy(model), tok)  # nor does a copy hide one
+
+
+def test_a_model_built_under_inference_mode_can_be_applied():
+    """Its weights are inference tensors (no version counters): apply() must not fail on them."""
+    with torch.inference_mode():
+        model = tiny_causal_lm("llama", seed=9)
+    g = torch.Generator().manual_seed(1)
+    masks = {p: {n: torch.rand(m.weight.shape, generator=g) < 0.5 for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.endswith("_proj")} for p in ("a", "b")}
+    store = MaskStore.from_masks(model, masks)
+    ref = masked_copy(model, store, "b")
+    pm.apply(model, store, persona="b")
+    tok = char_tokenizer()
+    torch.testing.assert_close(_logits(model, tok), _logits(ref, tok), rtol=1e-5, atol=1e-5)
+    pm.remove(model)
