@@ -192,6 +192,9 @@ class _FusedProjections:
         self._source = None   # (weakref to the input, its version, persona, batch, bias mode)
         self._pending: dict = {}
 
+    def __getstate__(self):  # copies (deepcopy, pickle) start without the last input's columns
+        return dict(self.__dict__, _source=None, _pending={})
+
     def _stacked(self, x2: torch.Tensor, persona, bias_on: bool) -> torch.Tensor:
         return self.weight(x2, persona, self.bias if bias_on else None)
 

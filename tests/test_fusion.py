@@ -140,3 +140,22 @@ def test_fused_model_generates_like_the_separate_one():
             got[fuse] = model.generate(**enc, **kw)
         pm.remove(model)
     assert torch.equal(got[True], got[False])
+
+
+def test_copies_of_a_fused_model_after_a_forward():
+    """deepcopy of a model whose groups hold the last input's columns, and pickling of a group: the
+    copies start clean (no weak reference to pickle, no stale columns) and give the same logits."""
+    import copy
+    import pickle
+
+    model = tiny_causal_lm("llama", seed=8)
+    tok, store = char_tokenizer(), _store(model)
+    pm.apply(model, store, persona="a")
+    want = _logits(model, tok)
+    group = model.model.layers[0].self_attn.q_proj._group
+    assert group._source is not None
+    twin = copy.deepcopy(model)
+    for g in (twin.model.layers[0].self_attn.q_proj._group, pickle.loads(pickle.dumps(group))):
+        assert g._source is None and g._pending == {}
+    torch.testing.assert_close(_logits(twin, tok), want)
+    pm.remove(model)
