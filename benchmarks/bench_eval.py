@@ -112,6 +112,7 @@ def main(argv=None) -> list:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--plot", help="PNG of the times")
     ap.add_argument("--quick", action="store_true", help="16 items, 6 texts (a smoke run)")
+    ap.add_argument("--parts", default="1,2", help="1: one configuration, 2: the sweep")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.texts = min(args.n, 16), min(args.texts, 6)
@@ -121,8 +122,8 @@ def main(argv=None) -> list:
     prompt = PromptFormat(chat_template=None)
     texts = neutral_texts()[: args.texts]
     with torch.inference_mode():
-        rows = [per_answer_vs_shared(model, tok, items, prompt, args.batch_size)]
-        rows += sweep(model, tok, items, prompt, texts, args.batch_size)
+        rows = [per_answer_vs_shared(model, tok, items, prompt, args.batch_size)] if "1" in args.parts else []
+        rows += sweep(model, tok, items, prompt, texts, args.batch_size) if "2" in args.parts else []
     print(f"\n{machine()}, torch {torch.__version__}, {args.model}, {len(items)} items, {len(texts)} perplexity texts")
     print_table(rows, ["part", "setting", "before_s", "now_s", "speedup", "max_score_diff"])
     if args.json:

@@ -180,9 +180,13 @@ class _FusedProjections:
     """Sibling projections that read the same input (q/k/v, gate/up) under one persona weight of
     their stacked rows. The first member called on an input runs one kernel call for all of them
     and keeps the others' columns; a member called next on that same tensor, persona and bias
-    mode takes its columns without a call. Under torch.compile (no Python state across calls)
-    each member runs the stacked call and keeps its own columns: pass ``fuse=False`` to apply()
-    for compiled models."""
+    mode takes its columns without a call.
+
+    Under torch.compile the first member (q, gate) runs the stacked call and leaves the output
+    on the group; the others take their columns when it was made from the same traced input in
+    this graph, and the last one clears it, so no tensor outlives the graph and every graph
+    starts with nothing kept (a graph that calls a later member first runs the stacked call
+    there)."""
 
     def __init__(self, weight: _PersonaWeight, widths: Sequence[int], bias: Optional[torch.Tensor]):
         self.weight, self.bias = weight, bias
@@ -191,9 +195,18 @@ class _FusedProjections:
             self.bounds.append(self.bounds[-1] + w)
         self._source = None   # (weakref to the input, its version, persona, batch, bias mode)
         self._pending: dict = {}
+        self._traced = None   # under torch.compile: (input, stacked output) of this graph
 
     def __getstate__(self):  # copies (deepcopy, pickle) start without the last input's columns
-        return dict(self.__dict__, _source=None, _pending={})
+        return dict(self.__dict__, _source=None, _pending={}, _traced=None)
+
+    def _compiled(self, slot: int, x: torch.Tensor, x2: torch.Tensor, persona, bias_on: bool) -> torch.Tensor:
+        lo, hi = self.bounds[slot], self.bounds[slot + 1]
+        kept = self._traced
+        if slot == 0 or kept is None or kept[0] is not x:
+            kept = (x, self._stacked(x2, persona, bias_on))
+        self._traced = None if slot == len(self.bounds) - 2 else kept
+        return kept[1][:, lo:hi]
 
     def _stacked(self, x2: torch.Tensor, persona, bias_on: bool) -> torch.Tensor:
         return self.weight(x2, persona, self.bias if bias_on else None)
@@ -202,7 +215,7 @@ class _FusedProjections:
                  bias_on: bool) -> torch.Tensor:
         lo, hi = self.bounds[slot], self.bounds[slot + 1]
         if torch.compiler.is_compiling():
-            return self._stacked(x2, persona, bias_on)[:, lo:hi]
+            return self._compiled(slot, x, x2, persona, bias_on)
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         src = self._source
         if (src is not None and slot in self._pending and src[0]() is x and src[1] == version and src[2] == h.current
@@ -530,7 +543,7 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
     looked-up rows are masked too, as masking the shared weight in place does).
     ``fuse``: sibling projections that read the same input (q/k/v, gate/up) share one stacked
     persona weight, streamed by one kernel call per input (fewer calls per decode step; the
-    same outputs). Turn it off for torch.compile, where each member would run the stacked call.
+    same outputs), also under torch.compile.
     """
     if tied_embedding not in TIED_EMBEDDING:
         raise ValueError(f"tied_embedding must be one of {TIED_EMBEDDING}, got {tied_embedding!r}")

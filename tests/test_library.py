@@ -142,9 +142,11 @@ def _npti_sets(model):
     return target, opposite
 
 
-def test_torch_compile_fullgraph_of_a_persona_model_with_npti():
+@pytest.mark.parametrize("fuse", [True, False])
+def test_torch_compile_fullgraph_of_a_persona_model_with_npti(fuse):
     """Masks, NPTI induction and steering vectors together trace into one graph (fullgraph=True fails on a break)
-    and the compiled model gives the eager logits (keep_prob=1: no random draw matters)."""
+    and the compiled model gives the eager logits (keep_prob=1: no random draw matters). Fused
+    q/k/v and gate/up make one masked_linear op per group in the graph, as they make one call eagerly."""
     import torch._dynamo
 
     model = tiny_causal_lm("llama", seed=4)
@@ -154,7 +156,7 @@ def test_torch_compile_fullgraph_of_a_persona_model_with_npti():
                  if isinstance(m, torch.nn.Linear) and n.endswith("_proj")} for p in ("a", "b")}
     store = MaskStore.from_masks(model, masks)
     target, opposite = _npti_sets(model)
-    pm.apply(model, store, persona="a", format="bitmap")
+    pm.apply(model, store, persona="a", format="bitmap", fuse=fuse)
     pm.apply_neurons(model, target, opposite, strength=1.5, keep_prob=1.0)
     g = torch.Generator().manual_seed(6)
     vectors = SteeringVectors(["a", "b"], {n: torch.randn(2, 64, generator=g) for n, _ in decoder_layers(model)},
@@ -181,7 +183,10 @@ def test_torch_compile_fullgraph_of_a_persona_model_with_npti():
         assert not torch.allclose(model(**enc, use_cache=False).logits, steered)  # steering took part
     pm.set_steering_strength(model, 0.5)
     code = "".join(graphs)
-    assert code.count("persona_kernels.masked_linear") == len(store.layers)
+    layers = len(decoder_layers(model))
+    assert len(store.layers) == 7 * layers
+    assert code.count("persona_kernels.masked_linear") == (4 if fuse else 7) * layers
+    assert all(m._group is None or m._group._traced is None for m in model.modules() if isinstance(m, pm.MaskedLinear))
     assert code.count("persona_kernels.induce_neurons") == len(target.sites)
     pm.remove(model)
     torch._dynamo.reset()
