@@ -312,7 +312,7 @@ def test_study_reuses_lower_layers_with_the_same_numbers(tmp_path):
 
     common = ["study", "--methods", "wanda", "--controls", "random", "--sparsities", "0.5", "--layer-sets", "last_half",
               "--max-samples", "10", "--max-calibration", "8", "--decode-tokens", "0", "--generations", "0",
-              "--localize-texts", "0", "--no-npti", "--steer-layers", "2", "--steer-strengths", "2,4", "--quiet"]
+              "--localize-texts", "0", "--steer-layers", "2", "--steer-strengths", "2,4", "--quiet"]
     res = {}
     for tag, extra in (("reuse", []), ("whole", ["--no-reuse"])):
         assert main([*common, "--out", str(tmp_path / tag), *extra]) == 0
