@@ -3,6 +3,9 @@
 1. Host microseconds per call (no sync inside the loop) of nn.Linear against MaskedLinear on a
    [1, 4096] input, for the dense route (50%: the cached masked weight) and the kernel route (90%).
 2. cProfile of decode steps of a 4-layer model with Llama-3-8B layer shapes: plain, and persona.
+3. (--formats) each format's dispatched call against F.linear: host µs per call, device µs per
+   call back to back, and device µs replayed from a CUDA graph (no host work): a gap between
+   the last two is host-bound launching, not the kernels.
 
     python benchmarks/profile_eager.py [--device cuda] [--steps 50]
 """
@@ -87,15 +90,59 @@ def profile_steps(device, dtype, steps: int) -> list[str]:
     return out
 
 
+@torch.inference_mode()
+def formats_host_vs_device(device, dtype) -> list[str]:
+    from persona_kernels.formats import BitmapWeight, CompactedWeight
+    from persona_kernels.ops.masked_linear import masked_linear
+
+    lines = []
+    for out_f, in_f in ((1024, 4096), (14336, 4096)):
+        w = torch.randn(out_f, in_f, device=device, dtype=dtype)
+        x = torch.randn(1, in_f, device=device, dtype=dtype)
+        g = torch.Generator().manual_seed(0)
+        rows = (torch.rand(out_f, 1, generator=g) >= 0.9).expand(out_f, in_f).to(device)
+        cases = {"dense F.linear": lambda: torch.nn.functional.linear(x, w),
+                 "compacted 90%": (lambda f: lambda: masked_linear(x, f))(CompactedWeight.from_dense(w, rows)),
+                 "bitmap 90%": (lambda f: lambda: masked_linear(x, f))(
+                     BitmapWeight.from_dense(w, torch.rand(out_f, in_f, generator=g).to(device) >= 0.9))}
+        for name, fn in cases.items():
+            host = _host_us(fn, device, reps=500)
+            line = f"{out_f}x{in_f} {name}: host {host:.1f} us/call"
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(200):
+                    fn()
+                end.record()
+                torch.cuda.synchronize()
+                back_to_back = 1000 * start.elapsed_time(end) / 200
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(20):
+                        fn()
+                graph.replay()
+                start.record()
+                for _ in range(10):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                line += f", device back to back {back_to_back:.1f} us, in a CUDA graph {1000 * start.elapsed_time(end) / 200:.1f} us"
+            lines.append(line)
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--formats", action="store_true", help="only part 3")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for line in per_call(device, dtype) + profile_steps(device, dtype, args.steps):
-        print(line)
+    parts = formats_host_vs_device(device, dtype) if args.formats else \
+        per_call(device, dtype) + profile_steps(device, dtype, args.steps) + formats_host_vs_device(device, dtype)
+    for line in parts:
+        print(line, flush=True)
     return 0
 
 
