@@ -14,6 +14,7 @@ objects (and the state_dict) that were there, and persona ``None`` runs them dir
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -119,18 +120,21 @@ def _strip_base(module, state_dict, prefix, local_metadata):
         state_dict[prefix + key[len(prefix) + 5:]] = state_dict.pop(key)
 
 
+def _add_base(base_keys, state_dict, prefix, *args):
+    """load_state_dict pre-hook of the wrappers: the original's keys load into '<name>.base.<param>'."""
+    for k in base_keys:
+        if prefix + k in state_dict and prefix + "base." + k not in state_dict:
+            state_dict[prefix + "base." + k] = state_dict.pop(prefix + k)
+
+
 class _OriginalKeys(nn.Module):
     """Mixin of the persona wrappers: state_dict() and load_state_dict() use the original module's keys."""
 
     def _register_original_keys(self):
         self._register_state_dict_hook(_strip_base)
         base_keys = [n for n, _ in self.base.named_parameters()] + [n for n, _ in self.base.named_buffers()]
-
-        def add_base(state_dict, prefix, *args):
-            for k in base_keys:
-                if prefix + k in state_dict and prefix + "base." + k not in state_dict:
-                    state_dict[prefix + "base." + k] = state_dict.pop(prefix + k)
-        self._register_load_state_dict_pre_hook(add_base)
+        # a partial of a module-level function, not a closure: an applied model stays picklable (torch.save)
+        self._register_load_state_dict_pre_hook(functools.partial(_add_base, tuple(base_keys)))
 
 
 class _PersonaWeight:

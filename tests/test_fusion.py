@@ -159,3 +159,24 @@ def test_copies_of_a_fused_model_after_a_forward():
         assert g._source is None and g._pending == {}
     torch.testing.assert_close(_logits(twin, tok), want)
     pm.remove(model)
+
+
+def test_an_applied_model_survives_torch_save_and_load():
+    """torch.save / torch.load of a whole applied model (fused groups, NPTI-free): same logits,
+    persona switching still works, remove() restores the original modules."""
+    import io
+
+    model = tiny_causal_lm("llama", seed=10)
+    tok, store = char_tokenizer(), _store(model)
+    pm.apply(model, store, persona="a")
+    want = {p: (pm.set_persona(model, p), _logits(model, tok))[1] for p in ("a", "b")}
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    for p in ("a", "b"):
+        pm.set_persona(twin, p)
+        torch.testing.assert_close(_logits(twin, tok), want[p])
+    pm.remove(twin)
+    assert not any(isinstance(m, pm.MaskedLinear) for m in twin.modules())
+    pm.remove(model)
