@@ -3,6 +3,8 @@
 1. Host microseconds per call (no sync inside the loop) of nn.Linear against MaskedLinear on a
    [1, 4096] input, for the dense route (50%: the cached masked weight) and the kernel route (90%).
 2. cProfile of decode steps of a 4-layer model with Llama-3-8B layer shapes: plain, and persona.
+4. (--compiled) decode steps of the 4-layer model compiled with mode="reduce-overhead" (inductor
+   + CUDA graphs, fullgraph): dense, and persona at 90% / 50%, with the compile time.
 3. (--formats) each format's dispatched call against F.linear: host µs per call, device µs per
    call back to back, and device µs replayed from a CUDA graph (no host work): a gap between
    the last two is host-bound launching, not the kernels.
@@ -131,14 +133,45 @@ def formats_host_vs_device(device, dtype) -> list[str]:
     return lines
 
 
+@torch.inference_mode()
+def compiled_steps(device, dtype) -> None:
+    import torch._dynamo
+
+    from common import time_fn
+
+    model = llama3_8b_shaped(4, dtype, str(device), False)
+    ids = torch.full((1, 1), 5, dtype=torch.long, device=device)
+    dense = None
+    for sparsity in (0.0, 0.9, 0.5):
+        if sparsity:
+            pm.apply(model, magnitude_masks(model, sparsity), persona="a")
+        torch._dynamo.reset()
+        kw = dict(mode="reduce-overhead") if device.type == "cuda" else dict(backend="aot_eager")
+        step = torch.compile(model, fullgraph=True, **kw)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step(input_ids=ids, use_cache=False)
+        compile_s = time.perf_counter() - t0
+        t = time_fn(lambda: step(input_ids=ids, use_cache=False).logits, device)
+        dense = dense or t
+        print(f"compiled step, {'dense' if not sparsity else f'persona {sparsity:.0%}'}: {1000 * t:.3f} ms "
+              f"({dense / t:.2f}x dense; compile {compile_s:.0f} s)", flush=True)
+        if sparsity:
+            pm.remove(model)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--formats", action="store_true", help="only part 3")
+    ap.add_argument("--compiled", action="store_true", help="only part 4")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.compiled:
+        compiled_steps(device, dtype)
+        return 0
     parts = formats_host_vs_device(device, dtype) if args.formats else \
         per_call(device, dtype) + profile_steps(device, dtype, args.steps) + formats_host_vs_device(device, dtype)
     for line in parts:

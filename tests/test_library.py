@@ -190,3 +190,17 @@ def test_torch_compile_fullgraph_of_a_persona_model_with_npti(fuse):
     assert code.count("persona_kernels.induce_neurons") == len(target.sites)
     pm.remove(model)
     torch._dynamo.reset()
+
+
+def test_graph_route_keeps_cached_dense_weights_out_of_cuda_graphs(monkeypatch):
+    """Inside a compiled graph on a GPU (which CUDA graphs may capture) the 'dense' route becomes
+    the format's sparse kernel: a cached dense weight would be read through a raw pointer that a
+    persona switch frees. Elsewhere, and for the other routes, nothing changes."""
+    from persona_kernels.ops.masked_linear import dispatch
+
+    monkeypatch.setattr(dispatch, "_sparse_backend", lambda kind, device: {"bitmap": "cuda"}.get(kind))
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert dispatch.graph_route("dense", "bitmap", gpu) == "cuda"
+    assert dispatch.graph_route("dense", "dense_only", gpu) == "dense"  # no sparse kernel: unchanged
+    assert dispatch.graph_route("dense", "bitmap", cpu) == "dense"
+    assert dispatch.graph_route("triton", "bitmap", gpu) == "triton"

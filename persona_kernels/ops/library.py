@@ -21,6 +21,7 @@ from ..formats import FORMAT_CLASSES
 from . import registry
 from .accumulate_stats import DELTA_FIELDS, accumulate_delta
 from .masked_linear import check_persona_range, run_kernel
+from .masked_linear.dispatch import graph_route
 
 _PER_PERSONA = ("count", "samples")  # [P]; the other delta fields are [P, C]
 _INT_FIELDS = ("count", "pos", "samples")
@@ -73,7 +74,7 @@ def masked_linear_op(x: torch.Tensor, kind: str, tensors: List[torch.Tensor], in
     fmt = FORMAT_CLASSES[kind].from_op_args(tensors, ints)
     if persona_rows is not None:
         check_persona_range(persona_rows, fmt.num_personas)
-    return run_kernel(backend, x, fmt, bias, persona_rows)
+    return run_kernel(graph_route(backend, kind, x.device), x, fmt, bias, persona_rows)
 
 
 @masked_linear_op.register_fake
