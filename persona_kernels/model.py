@@ -54,7 +54,8 @@ from .moe import (
 )
 from .npti import INDUCTION_MODES, NeuronSet, induction_add, induction_plan
 from .ops.induce_neurons import ACTIVATIONS, induce_neurons
-from .ops.masked_linear import masked_linear
+from .ops.masked_linear import bound_kernel, masked_linear
+from .ops.masked_linear.dispatch import EPOCH as ROUTES_EPOCH
 from .steering import SteeringVectors
 
 FORMATS = ("auto", "bitmap", "shared_bitmask", "compacted", "block", "dense")
@@ -145,6 +146,10 @@ class _PersonaWeight:
     def __init__(self, fmt, kind: str, backend: str, out_features: int):
         self._fmt, self._kind, self._backend, self.out_features = fmt, kind, backend, out_features
         self._maybe_cached: set = set()  # per-persona formats whose dense cache may be alive
+        self._bound = None  # (key, kernel) of the last single-persona call (see _one)
+
+    def __getstate__(self):  # a copy binds its own formats again (the kernel closes over these)
+        return dict(self.__dict__, _bound=None)
 
     def _one(self, x2: torch.Tensor, p: int, exclusive: bool = True, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Masked output of persona ``p`` for a per-persona format list.
@@ -163,7 +168,15 @@ class _PersonaWeight:
                     self._fmt[q].drop_dense_cache()
                 cached &= {p}
             cached.add(p)
-        return masked_linear(x2, f, bias, backend=self._backend)
+        if torch.compiler.is_compiling():
+            return masked_linear(x2, f, bias, backend=self._backend)
+        # the decode hot path: validation and routing once per (persona, rows, dtype, device, bias
+        # presence, routing table); later calls go straight to the kernel
+        key = (p, x2.shape[0], x2.dtype, x2.device, bias is None, ROUTES_EPOCH[0])
+        bound = self._bound
+        if bound is None or bound[0] != key:
+            bound = self._bound = (key, bound_kernel(x2, f, bias, backend=self._backend))
+        return bound[1](x2, bias)
 
     def __call__(self, x2: torch.Tensor, persona, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x2 [N, in]; persona an int (one persona, the decode hot path: no per-call index work)
@@ -316,7 +329,8 @@ class MaskedLinear(_WatchesWeights):
                                "optimizer step, ...): its persona formats hold the old values. Call remove() and apply() "
                                "again to use the new weights")
         dev = self._watched_tensors[0].device  # the base weight, without a submodule lookup
-        x2 = (x if x.device == dev else x.to(dev)).reshape(-1, self.in_features)
+        moved = x.device != dev  # e.g. accelerate's device_map hands a layer inputs from another GPU
+        x2 = (x.to(dev) if moved else x).reshape(-1, self.in_features)
         if h.batch is not None:
             B = h.batch.numel()
             # [B, ..., in], or flattened tokens [B*T, in] in batch-major order (OPT's MLP, MoE shared experts)
@@ -326,7 +340,7 @@ class MaskedLinear(_WatchesWeights):
                                    f"{x.shape[0] if x.ndim >= 2 else 1} sequences (or rows not a multiple of {B})")
         b = self._bias
         fused_bias = not h.gamma and (b is None or b.dtype == x2.dtype)  # added by the kernel / GEMM itself
-        personas = _row_personas(h, x2.shape[0], dev)
+        personas = h.current if h.batch is None else _row_personas(h, x2.shape[0], dev)
         if self._group is not None:
             y = self._group(self._slot, x, x2, personas, h, fused_bias)
         else:
@@ -338,7 +352,7 @@ class MaskedLinear(_WatchesWeights):
         if b is not None and not fused_bias:
             y = y + b
         y = y.view(*x.shape[:-1], self.out_features)
-        return y if y.device == x.device else y.to(x.device)
+        return y.to(x.device) if moved else y
 
 
 class MaskedEmbedding(_OriginalKeys):

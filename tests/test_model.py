@@ -436,3 +436,37 @@ def test_a_model_built_under_inference_mode_can_be_applied():
     tok = char_tokenizer()
     torch.testing.assert_close(_logits(model, tok), _logits(ref, tok), rtol=1e-5, atol=1e-5)
     pm.remove(model)
+
+
+def test_the_bound_kernel_follows_persona_rows_and_the_routing_table():
+    """The decode hot path keeps its routed kernel per (persona, rows, dtype, device, bias, table):
+    a persona switch, another batch size or a new crossover entry routes again; copies rebind."""
+    from persona_kernels.ops.masked_linear import dispatch
+
+    model, tok, calib, store = _setup("llama")
+    pm.apply(model, store, persona="extravert", format="bitmap", fuse=False)
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, pm.MaskedLinear))
+    w = layer.base.weight
+
+    def want(x, persona):
+        return torch.nn.functional.linear(x, w * store.mask(persona, name), layer.base.bias)
+
+    x1, x64 = torch.randn(1, layer.in_features), torch.randn(64, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x1), want(x1, "extravert"))
+        key = layer._weight._bound[0]
+        torch.testing.assert_close(layer(x64), want(x64, "extravert"))  # rows: bound again
+        pm.set_persona(model, "introvert")
+        torch.testing.assert_close(layer(x1), want(x1, "introvert"))
+        assert layer._weight._bound[0] != key
+        epoch = dispatch.EPOCH[0]
+        try:
+            dispatch.set_crossover("cpu", "bitmap", 0, dtype=torch.float32)  # never the sparse kernel
+            torch.testing.assert_close(layer(x1), want(x1, "introvert"))
+            assert layer._weight._bound[0][-1] == dispatch.EPOCH[0] > epoch
+        finally:
+            dispatch._OVERRIDES.pop(("cpu", dispatch.table_key("bitmap", torch.float32)), None)
+            dispatch.reload_table()
+        twin = copy.deepcopy(model)
+        assert next(m for m in twin.modules() if isinstance(m, pm.MaskedLinear))._weight._bound is None
+    pm.remove(model)

@@ -11,7 +11,7 @@ sparse kernel wins.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -118,22 +118,47 @@ def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Te
     _check(x, weight, bias)
     x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
     p = _persona_rows(weight, persona, x)
-    if backend == "auto":
-        name = choose(weight, x2, mixed=p is not None and isinstance(persona, torch.Tensor))
-    else:
-        name = registry.resolve("masked_linear", backend, x.device, weight.kind, dtype=x.dtype)
+    name = _route_name(x2, weight, persona, p, backend)
     if torch.compiler.is_compiling() and weight.kind != "semi24":
         tensors, ints = weight.op_args()
         y = torch.ops.persona_kernels.masked_linear(x2, weight.kind, tensors, ints, bias, _expand(p, x2), name)
-    elif name == "dense" and isinstance(p, int):
-        # one persona for every row: its cached masked weight directly (per-row indices would be
-        # built, then searched with unique(), a device sync on every call of a GPU decode step)
-        y = F.linear(x2, weight.dense_for(p), bias)
     else:
-        y = run_kernel(name, x2, weight, bias, _expand(p, x2))
+        y = _bind(name, weight, p)(x2, bias)
     return y if x.ndim == 2 else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _route_name(x2, weight, persona, p, backend: str) -> str:
+    if backend == "auto":
+        return choose(weight, x2, mixed=p is not None and isinstance(persona, torch.Tensor))
+    return registry.resolve("masked_linear", backend, x2.device, weight.kind, dtype=x2.dtype)
+
+
+def _bind(name: str, weight: WeightFormat, p) -> Callable:
+    """The kernel of route ``name`` bound to the weight and persona: fn(x2, bias) -> y."""
+    if isinstance(p, int):
+        if name == "dense":
+            # one persona for every row: its cached masked weight directly (per-row indices would be
+            # built, then searched with unique(), a device sync on every call of a GPU decode step)
+            return lambda x2, bias: F.linear(x2, weight.dense_for(p), bias)
+        return lambda x2, bias: run_kernel(name, x2, weight, bias, _expand(p, x2))
+    if name == "dense":
+        return lambda x2, bias: masked_linear_reference(x2, weight, bias, p, cached=True)
+    kernel = registry.kernel("masked_linear", name, weight.kind)
+    return lambda x2, bias: kernel(x2, weight, bias, p)
+
+
+def bound_kernel(x2: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Tensor], persona: Optional[int] = None,
+                 backend: str = "auto") -> Callable:
+    """masked_linear's kernel for this call, validated and routed once: fn(x2, bias) -> y for x2
+    [N, in]. It holds for later calls with the same number of rows, dtype, device and bias
+    presence while ``dispatch.EPOCH`` is unchanged (the decode hot path of the persona layers
+    keeps it per persona; no per-call validation, routing or registry lookups)."""
+    _check(x2, weight, bias)
+    p = _persona_rows(weight, persona, x2)
+    return _bind(_route_name(x2, weight, persona, p, backend), weight, p)
 
 
 from .dispatch import choose  # noqa: E402 (dispatch imports check helpers from this module)
 
-__all__ = ["available_backends", "check_persona_range", "masked_linear", "masked_linear_reference", "run_kernel"]
+__all__ = ["available_backends", "bound_kernel", "check_persona_range", "masked_linear", "masked_linear_reference",
+           "run_kernel"]

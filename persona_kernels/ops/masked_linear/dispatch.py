@@ -30,6 +30,7 @@ from .. import registry
 _TABLE_FILE = os.path.join(os.path.dirname(__file__), "crossover.json")
 _OVERRIDES: dict = {}
 _ROUTES: dict = {}  # (kind, device, dtype) -> (sparse backend or None, max_batch, fallback, min_sparsity)
+EPOCH = [0]  # bumped whenever the routes may change: kernels bound to a route (bound_kernel) check it
 _TORCH_FALLBACK = ("compacted", "semi24")  # formats whose 'torch' kernel beats densifying
 NEAREST_MEASURED_GPU = "h200"  # the table a GPU without one of its own uses (see table_class)
 
@@ -61,6 +62,7 @@ def reload_table() -> None:
     """Re-read crossover.json (after a benchmark wrote a new one)."""
     _stored_table.cache_clear()
     _ROUTES.clear()
+    EPOCH[0] += 1
 
 
 def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[str] = None,
@@ -73,6 +75,7 @@ def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[
     key = kind if dtype is None else table_key(kind, dtype)
     _OVERRIDES[(device_cls, key)] = {"max_batch": int(max_batch), "backend": backend, "min_sparsity": min_sparsity}
     _ROUTES.clear()
+    EPOCH[0] += 1
 
 
 def _sparse_backend(kind: str, device: torch.device) -> Optional[str]:
