@@ -196,3 +196,40 @@ def test_bench_takes_dtype_masks_and_reports_median_and_range(model_dir, texts, 
     assert [r.get("fused") for r in rows] == [None, False, True]
     assert main(["bench", *common, "--persona", "b"]) == 2
     assert main(["bench", *common, "--masks", f"{out}/masks-wanda.safetensors", "--persona", "zz"]) == 2
+
+
+def test_eval_reuses_the_unmasked_lower_layers_exactly(model_dir, texts, tmp_path, monkeypatch, capsys):
+    """eval runs the unmasked model first and the persona model from its first modified layer on
+    (steering at layer 1, masks on the last half): the same per-item scores and report as whole runs."""
+    import contextlib
+
+    from persona_kernels import reuse
+
+    out = str(tmp_path / "out")
+    common = ["--model", model_dir, "--out", out, "--quiet"]
+    data = ["--texts", f"extravert={texts / 'e.txt'}", "--texts", f"introvert={texts / 'i.txt'}"]
+    assert main(["calibrate", *common, *data]) == 0
+    assert main(["vectors", *common]) == 0
+    assert main(["masks", *common, "--layers", "last_half", "--sparsity", "0.6"]) == 0
+    runs = {"--vectors": ["--vectors", f"{out}/steering-extravert.safetensors", "--steer-layers", "1"],
+            "--masks": ["--masks", f"{out}/masks-wanda.safetensors"]}
+    got, modes, session = {}, [], reuse.LowerLayers.session
+
+    @contextlib.contextmanager
+    def spy(self, key, first):
+        with session(self, key, first) as mode:
+            modes.append(mode)
+            yield mode
+
+    monkeypatch.setattr(reuse.LowerLayers, "session", spy)
+    for whole in (False, True):
+        if whole:
+            assert modes == ["recording", "replaying"] * 2  # not a vacuous comparison
+            monkeypatch.setattr(reuse.LowerLayers, "session", lambda self, key, first: contextlib.nullcontext("whole"))
+        for name, extra in runs.items():
+            capsys.readouterr()
+            assert main(["eval", *common, *extra, "--persona", "extravert", "--mc", str(texts / "mc.csv")]) == 0
+            got[(name, whole)] = (capsys.readouterr().out, (tmp_path / "out" / "eval-items.json").read_text())
+    for name in runs:
+        assert got[(name, False)] == got[(name, True)]
+        assert "unmasked: matching" in got[(name, False)][0]

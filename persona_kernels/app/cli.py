@@ -318,24 +318,32 @@ def cmd_eval(args) -> int:
     from ..data import neutral_texts
     from ..evaluate import evaluate_mc, mcnemar, perplexity
     from ..io import atomic_write_text
+    from ..reuse import LowerLayers, first_modified_layer
 
     items = _mc_items(args)
     model, tok = _persona_model(args)
     fmt = prompt_format(args)
-    run = lambda: evaluate_mc(model, tok, items, batch_size=args.batch_size, scoring=args.scoring, prompt=fmt,  # noqa: E731
-                              progress=not args.quiet)
-    res = run()
+    # the unmasked model runs first and records the input of the first modified layer; the persona
+    # model then runs only the layers from there on (reuse.py: exact)
+    reuse, first = LowerLayers(model), first_modified_layer(model)
+
+    def run(key):
+        with reuse.session(key, first):
+            return (evaluate_mc(model, tok, items, batch_size=args.batch_size, scoring=args.scoring, prompt=fmt,
+                                progress=not args.quiet),
+                    perplexity(model, tok, neutral_texts(), args.batch_size))
+
     edited = pm.is_applied(model)
-    ppl = perplexity(model, tok, neutral_texts(), args.batch_size)
+    base = None
+    if edited:
+        with pm.unmodified(model):  # the unmasked model on the same items
+            base, base_ppl = run("items")
+    res, ppl = run("items")
     lines = [f"{res.n} items: accuracy {res.accuracy:.3f} +- {res.se:.3f} (share choosing the 'matching' answer, binomial SE; "
              f"scoring {args.scoring}); "
              f"shorter answer picked {res.shorter_picked():.2f}; own-answer score {res.own_logprob():.3f}; "
              f"neutral-text perplexity {ppl:.2f}"]
-    base = None
     if edited:
-        with pm.unmodified(model):  # the unmasked model on the same items
-            base = run()
-            base_ppl = perplexity(model, tok, neutral_texts(), args.batch_size)
         b, c, p = mcnemar(res.correct, base.correct)
         lines.append(f"unmasked: matching {base.accuracy:.3f} +- {base.se:.3f}, perplexity {base_ppl:.2f}; shift "
                      f"{res.accuracy - base.accuracy:+.3f}, McNemar p = {p:.3g} ({b} items only here, {c} only unmasked)")
