@@ -194,13 +194,20 @@ def in_mlp_block(name: str) -> bool:
 SIBLING_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+_CROSS_ATTENTION = re.compile(r"cross|encoder_attn")  # q reads the decoder, k/v the encoder: not one input
+
+
 def sibling_groups(names: Sequence[str]) -> list[list[str]]:
     """Groups of ``names`` that are sibling projections of one module (SIBLING_PROJECTIONS, every
-    member present), e.g. ['model.layers.0.self_attn.q_proj', '...k_proj', '...v_proj']."""
+    member present), e.g. ['model.layers.0.self_attn.q_proj', '...k_proj', '...v_proj'].
+    Cross-attention modules (Mllama's cross_attn, BART/Whisper's encoder_attn) are left out:
+    their q and k/v read different tensors, so a stacked call would compute twice."""
     present = set(names)
     groups = []
     for name in names:
         parent, _, leaf = name.rpartition(".")
+        if _CROSS_ATTENTION.search(parent.rpartition(".")[2]):
+            continue
         for sibs in SIBLING_PROJECTIONS:
             if leaf == sibs[0]:
                 group = [f"{parent}.{s}" if parent else s for s in sibs]

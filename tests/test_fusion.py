@@ -30,6 +30,8 @@ def test_sibling_groups_need_every_member():
     assert sibling_groups(names) == [["m.0.attn.q_proj", "m.0.attn.k_proj", "m.0.attn.v_proj"],
                                      ["m.0.mlp.gate_proj", "m.0.mlp.up_proj"], ["m.1.mlp.gate_proj", "m.1.mlp.up_proj"]]
     assert sibling_groups(["q_proj", "k_proj", "v_proj"]) == [["q_proj", "k_proj", "v_proj"]]
+    cross = [f"m.0.{a}.{p}" for a in ("encoder_attn", "cross_attn") for p in ("q_proj", "k_proj", "v_proj")]
+    assert sibling_groups(cross) == []  # q and k/v read different tensors there
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v with biases (stacked, added by the kernel)
