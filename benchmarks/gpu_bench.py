@@ -29,6 +29,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # the benchmarks, and the package 
 import bench_accumulate_stats  # noqa: E402
 import bench_induce_neurons  # noqa: E402
 import bench_masked_linear  # noqa: E402
+import profile_eager  # noqa: E402
 from bench_e2e_decode import llama3_8b_shaped  # noqa: E402
 
 from persona_kernels import model as pm  # noqa: E402
@@ -273,6 +274,10 @@ def summary(res: dict) -> str:
             (f", graph capture failed: {r['graph_error']}" if "graph_error" in r else "")
         lines.append(f"| e2e decode {r['format']} | {r['sparsity']:.0%} | {r['tok_s']:.1f} tok/s ({r['speedup_tok_s']:.2f}x), "
                      f"step {r['step'] * 1e3:.3f} ms ({r['speedup_step']:.2f}x){graph} |")
+    for r in res.get("compiled") or []:
+        lines.append(f"| compiled decode step (reduce-overhead) | {r['config']} | " +
+                     (f"FAILED: {r['error']} |" if "error" in r else
+                      f"{r['ms']:.3f} ms ({r['speedup']:.2f}x dense), compile {r['compile_s']:.0f} s |"))
     if res.get("crossover"):
         lines += ["", f"crossover: {json.dumps(res['crossover'], sort_keys=True)}"]
     for name, err in (res.get("errors") or {}).items():
@@ -306,7 +311,7 @@ def main(argv=None) -> int:
     ap.add_argument("--merge-crossover", help="merge this crossover_gpu.json into crossover.json and exit")
     ap.add_argument("--sections", default=os.environ.get("GPU_BENCH_SECTIONS", ""),
                     help="comma-separated sections to run (default: all): ceilings, accumulate_stats, induce_neurons, "
-                         "e2e, calibration, compacted_probe, profile_accumulate_stats, bitmap_knobs, masked_linear")
+                         "e2e, compiled, calibration, compacted_probe, profile_accumulate_stats, bitmap_knobs, masked_linear")
     ap.add_argument("--dispatched-only", action="store_true", default=os.environ.get("GPU_BENCH_DISPATCHED_ONLY", "0") == "1",
                     help="masked_linear: time only the dispatched path (and 'torch') against dense")
     args = ap.parse_args(argv)
@@ -349,6 +354,8 @@ def main(argv=None) -> int:
     copy = (res["ceilings"] or {}).get("copy_GBps", 1.0)
     res["induce_neurons"] = section("induce_neurons", lambda: induce(p, copy))
     res["e2e"] = section("e2e", lambda: e2e(p))
+    res["compiled"] = section("compiled", lambda: profile_eager.compiled_steps(
+        torch.device(p["device"]), p["dtype"], p["e2e_layers"], p["e2e_quick"]))
     res["calibration"] = section("calibration", lambda: [bench_accumulate_stats.bench_calibration_overhead(
         torch.device(p["device"]), quick=p["device"] == "cpu")])
     res["compacted_probe"] = section("compacted_probe", lambda: compacted_probe(p))

@@ -134,30 +134,40 @@ def formats_host_vs_device(device, dtype) -> list[str]:
 
 
 @torch.inference_mode()
-def compiled_steps(device, dtype) -> None:
+def compiled_steps(device, dtype, layers: int = 4, quick: bool = False) -> list[dict]:
+    """Rows {config, ms, speedup, compile_s} (or error) of compiled decode steps."""
     import torch._dynamo
 
     from common import time_fn
 
-    model = llama3_8b_shaped(4, dtype, str(device), False)
+    model = llama3_8b_shaped(layers, dtype, str(device), quick)
     ids = torch.full((1, 1), 5, dtype=torch.long, device=device)
-    dense = None
+    rows, dense = [], None
     for sparsity in (0.0, 0.9, 0.5):
+        config = "dense" if not sparsity else f"persona {sparsity:.0%}"
         if sparsity:
             pm.apply(model, magnitude_masks(model, sparsity), persona="a")
-        torch._dynamo.reset()
-        kw = dict(mode="reduce-overhead") if device.type == "cuda" else dict(backend="aot_eager")
-        step = torch.compile(model, fullgraph=True, **kw)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            step(input_ids=ids, use_cache=False)
-        compile_s = time.perf_counter() - t0
-        t = time_fn(lambda: step(input_ids=ids, use_cache=False).logits, device)
-        dense = dense or t
-        print(f"compiled step, {'dense' if not sparsity else f'persona {sparsity:.0%}'}: {1000 * t:.3f} ms "
-              f"({dense / t:.2f}x dense; compile {compile_s:.0f} s)", flush=True)
-        if sparsity:
-            pm.remove(model)
+        try:
+            torch._dynamo.reset()
+            kw = dict(mode="reduce-overhead") if device.type == "cuda" else dict(backend="aot_eager")
+            step = torch.compile(model, fullgraph=True, **kw)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                step(input_ids=ids, use_cache=False)
+            compile_s = time.perf_counter() - t0
+            t = time_fn(lambda: step(input_ids=ids, use_cache=False).logits, device)
+            dense = dense or t
+            rows.append(dict(config=config, ms=1000 * t, speedup=dense / t, compile_s=compile_s))
+            print(f"compiled step, {config}: {1000 * t:.3f} ms ({dense / t:.2f}x dense; compile {compile_s:.0f} s)",
+                  flush=True)
+        except Exception as exc:  # noqa: BLE001 - a failing configuration is a result to report
+            rows.append(dict(config=config, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+            print(f"compiled step, {config}: FAILED {rows[-1]['error']}", flush=True)
+        finally:
+            if sparsity:
+                pm.remove(model)
+    torch._dynamo.reset()
+    return rows
 
 
 def main(argv=None) -> int:
