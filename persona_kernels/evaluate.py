@@ -111,6 +111,33 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
+# A forward call's fixed cost in tokens of work: what an extra call must save in padding to be
+# worth making. SmolLM2 on two CPU cores: one token costs 36 ms a call (the weights streamed
+# once), each further token about 1.5 ms.
+CALL_COST_TOKENS = 24
+
+
+def length_chunks(lengths: Sequence[int], max_rows: int, call_cost: int = CALL_COST_TOKENS) -> list[slice]:
+    """Contiguous chunks of at most ``max_rows`` of a length-sorted list that minimise the tokens
+    computed (rows x the chunk's longest, padding included) plus ``call_cost`` per chunk: fixed
+    chunks of ``max_rows`` pad short rows up to long ones (on SmolLM2's 200 A/B items: 49% extra
+    answer tokens and 15% extra prompt tokens; with these chunks 15% and 2%, for 45 more calls)."""
+    n = len(lengths)
+    best, start = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = 0
+        for i in range(j - 1, max(-1, j - 1 - max_rows), -1):  # the chunk i .. j-1
+            longest = max(longest, lengths[i])
+            cost = best[i] + (j - i) * longest + call_cost
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    out, j = [], n
+    while j > 0:
+        out.append(slice(start[j], j))
+        j = start[j]
+    return out[::-1]
+
+
 @torch.inference_mode()
 def sequence_scores(model: nn.Module, tokenizer, seqs: Sequence[tuple[list[int], int]], batch_size: int = 8,
                     reduce: str = "sum", progress: bool = False, desc: str = "scoring") -> tuple[torch.Tensor, list[int]]:
@@ -127,8 +154,9 @@ def sequence_scores(model: nn.Module, tokenizer, seqs: Sequence[tuple[list[int],
     try:
         from tqdm.auto import tqdm
 
-        for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            idx = order[s:s + batch_size]
+        for sl in tqdm(length_chunks([len(seqs[i][0]) for i in order], batch_size), desc=desc, unit="batch",
+                       disable=not progress, leave=False):
+            idx = order[sl]
             L = len(seqs[idx[0]][0])
             ids = torch.full((len(idx), L), pad, dtype=torch.long)
             attn = torch.zeros(len(idx), L, dtype=torch.long)
@@ -243,8 +271,9 @@ def pair_scores(model: nn.Module, tokenizer, pairs: Sequence[tuple[list[int], li
         order = sorted(range(len(seqs)), key=lambda i: -cut[i])
         from tqdm.auto import tqdm
 
-        for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            idx = order[s:s + batch_size]
+        for sl in tqdm(length_chunks([max(2, cut[i] - g) for i in order], batch_size), desc=desc, unit="batch",
+                       disable=not progress, leave=False):
+            idx = order[sl]
             B, Lp = len(idx), max(2, max(cut[i] - g for i in idx))
             ids_p = torch.full((B, Lp), pad, dtype=torch.long)
             attn_p = torch.zeros(B, Lp, dtype=torch.long)
@@ -272,8 +301,8 @@ def pair_scores(model: nn.Module, tokenizer, pairs: Sequence[tuple[list[int], li
             # a one-token answer needs no forward (its token is predicted by the prompt's last position)
             live = sorted((r for r in range(2 * B) if len(rows[r][2]) - cut[rows[r][0]] > 1),
                           key=lambda r: len(rows[r][2]) - cut[rows[r][0]])
-            for c in range(0, len(live), batch_size):
-                chunk = live[c:c + batch_size]
+            for part in length_chunks([len(rows[r][2]) - cut[rows[r][0]] for r in live], batch_size):
+                chunk = live[part]
                 sub = cache
                 if chunk != list(range(2 * B)):
                     sub = copy.deepcopy(cache)
@@ -376,5 +405,5 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: in
     return math.exp(-float(sums.sum()) / max(1, sum(counts)))
 
 
-__all__ = ["MCResult", "SCORINGS", "answer_logprobs", "binomial_se", "evaluate_mc", "mcnemar", "pair_scores", "perplexity",
-           "sequence_scores"]
+__all__ = ["MCResult", "SCORINGS", "answer_logprobs", "binomial_se", "evaluate_mc", "length_chunks", "mcnemar", "pair_scores",
+           "perplexity", "sequence_scores"]

@@ -325,3 +325,27 @@ def test_study_reuses_lower_layers_with_the_same_numbers(tmp_path):
     for t in res:  # the per-item scores too
         res[t]["items"] = {p.name: json.loads(p.read_text()) for p in (tmp_path / t / "items").iterdir()}
     assert res["reuse"]["items"] == res["whole"]["items"]
+
+
+def test_length_chunks_minimise_padding_plus_calls():
+    """Chunks are contiguous, cover every row once, respect max_rows, and cost no more than fixed
+    chunks (rows x longest + a call cost each); with a zero call cost no row is padded at all."""
+    import random
+
+    from persona_kernels.evaluate import length_chunks
+
+    rng = random.Random(0)
+    for _ in range(20):
+        lens = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 40)))
+        max_rows, c = rng.randint(1, 9), rng.choice([0, 8, 30])
+        chunks = length_chunks(lens, max_rows, c)
+        assert [i for sl in chunks for i in range(len(lens))[sl]] == list(range(len(lens)))
+        assert all(0 < sl.stop - sl.start <= max_rows for sl in chunks)
+
+        def cost(parts):
+            return sum(len(lens[p]) * max(lens[p]) + c for p in parts)
+        fixed = [slice(s, s + max_rows) for s in range(0, len(lens), max_rows)]
+        assert cost(chunks) <= cost(fixed)
+        if c == 0:
+            assert all(len(set(lens[sl])) == 1 for sl in chunks)
+    assert length_chunks([], 8) == []
