@@ -27,6 +27,10 @@ import torch.nn as nn
 from .hf import decoder_layers, is_output_head, layer_index
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+# Architectures on which replaying is tested bit for bit (tests/test_reuse.py). Elsewhere a layer
+# might read another layer's cache entries (cross-layer KV sharing, e.g. Gemma 3n), which the
+# stand-ins leave empty: sessions run whole unless LowerLayers(..., any_architecture=True).
+TESTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "olmo2"})
 
 
 def first_modified_layer(model: nn.Module) -> Optional[int]:
@@ -74,11 +78,14 @@ class LowerLayers:
     """Recorded inputs of decoder layers, per (workload key, layer); see the module docstring.
 
     ``max_bytes``: a workload whose record would take the total past it is not kept (its
-    sessions run whole).
+    sessions run whole). Only the architectures of TESTED_MODEL_TYPES replay unless
+    ``any_architecture``.
     """
 
-    def __init__(self, model: nn.Module, max_bytes: int = 4 << 30):
+    def __init__(self, model: nn.Module, max_bytes: int = 4 << 30, any_architecture: bool = False):
         self.model, self.max_bytes = model, max_bytes
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        self.enabled = any_architecture or model_type in TESTED_MODEL_TYPES
         self.records: dict = {}   # (key, L) -> ([tensor per forward call], layers return tuples)
         self.nbytes = 0
         self.replayed = 0         # sessions that skipped layers (for reports)
@@ -99,7 +106,7 @@ class LowerLayers:
         """Run the block with the layers below ``first_layer`` reused, or recorded for later.
         Yields 'whole', 'recording' or 'replaying'."""
         layers = decoder_layers(self.model)
-        if not layers or not first_layer:  # nothing applied, or the first layer changed: nothing to reuse
+        if not self.enabled or not layers or not first_layer:  # untested model, nothing applied, or layer 0 changed
             yield "whole"
             return
         L = min(first_layer, len(layers))

@@ -100,3 +100,21 @@ def test_over_the_byte_budget_nothing_is_kept():
         assert mode == want
     assert reuse.nbytes == 0 and not reuse.records
     pm.remove(model)
+
+
+def test_untested_architectures_run_whole():
+    """A model type outside the tested list (a layer might read another layer's cache) never
+    replays, unless asked to."""
+    model, tok = tiny_causal_lm("llama", seed=5, num_hidden_layers=3), char_tokenizer()
+    store, late = _late_masks(model, 1)
+    pm.apply(model, store, persona="a", layers=late)
+    model.config.model_type = "gemma3n"
+    for reuse, want in ((LowerLayers(model), ["whole", "whole"]),
+                        (LowerLayers(model, any_architecture=True), ["recording", "replaying"])):
+        modes = []
+        for _ in range(2):
+            with reuse.session("ppl", 1) as mode:
+                perplexity(model, tok, TEXTS, batch_size=2)
+            modes.append(mode)
+        assert modes == want
+    pm.remove(model)
