@@ -225,11 +225,13 @@ def test_eval_reuses_the_unmasked_lower_layers_exactly(model_dir, texts, tmp_pat
     for whole in (False, True):
         if whole:
             assert modes == ["recording", "replaying"] * 2  # not a vacuous comparison
-            monkeypatch.setattr(reuse.LowerLayers, "session", lambda self, key, first: contextlib.nullcontext("whole"))
+            modes.clear()
         for name, extra in runs.items():
             capsys.readouterr()
-            assert main(["eval", *common, *extra, "--persona", "extravert", "--mc", str(texts / "mc.csv")]) == 0
+            assert main(["eval", *common, *extra, "--persona", "extravert", "--mc", str(texts / "mc.csv"),
+                         *(["--no-reuse"] if whole else [])]) == 0
             got[(name, whole)] = (capsys.readouterr().out, (tmp_path / "out" / "eval-items.json").read_text())
+    assert modes == ["whole"] * 4  # --no-reuse
     for name in runs:
         assert got[(name, False)] == got[(name, True)]
         assert "unmasked: matching" in got[(name, False)][0]

@@ -325,7 +325,7 @@ def cmd_eval(args) -> int:
     fmt = prompt_format(args)
     # the unmasked model runs first and records the input of the first modified layer; the persona
     # model then runs only the layers from there on (reuse.py: exact)
-    reuse, first = LowerLayers(model), first_modified_layer(model)
+    reuse, first = LowerLayers(model), None if args.no_reuse else first_modified_layer(model)
 
     def run(key):
         with reuse.session(key, first):
@@ -608,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, help="evaluate the first N items")
     p.add_argument("--seed", type=int, default=0, help="seed of the A/B sides when --mc is a train-style file")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-reuse", action="store_true",
+                   help="run the persona model whole (default: it reuses the unmasked run's layers below its first "
+                        "modified one; exact)")
     _prompt_args(p)
     p.set_defaults(func=cmd_eval)
 
