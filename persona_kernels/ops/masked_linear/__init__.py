@@ -100,9 +100,17 @@ def run_kernel(name: str, x2: torch.Tensor, fmt: WeightFormat, bias: Optional[to
 
     'dense' is the dispatcher's large-batch route: a GEMM on the format's cached masked weight.
     """
-    if name == "dense":
-        return masked_linear_reference(x2, fmt, bias, persona_rows, cached=True)
-    return registry.kernel("masked_linear", name, fmt.kind)(x2, fmt, bias, persona_rows)
+    return _kernel(name, fmt.kind)(x2, fmt, bias, persona_rows)
+
+
+def _dense_route(x2: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor],
+                 persona_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    return masked_linear_reference(x2, fmt, bias, persona_rows, cached=True)
+
+
+def _kernel(name: str, kind: str) -> Callable:
+    """The callable of route ``name`` for format ``kind``: fn(x2, fmt, bias, persona_rows) -> y."""
+    return _dense_route if name == "dense" else registry.kernel("masked_linear", name, kind)
 
 
 def masked_linear(x: torch.Tensor, weight: WeightFormat, bias: Optional[torch.Tensor] = None,
@@ -135,15 +143,13 @@ def _route_name(x2, weight, persona, p, backend: str) -> str:
 
 def _bind(name: str, weight: WeightFormat, p) -> Callable:
     """The kernel of route ``name`` bound to the weight and persona: fn(x2, bias) -> y."""
+    if isinstance(p, int) and name == "dense":
+        # one persona for every row: its cached masked weight directly (per-row indices would be
+        # built, then searched with unique(), a device sync on every call of a GPU decode step)
+        return lambda x2, bias: F.linear(x2, weight.dense_for(p), bias)
+    kernel = _kernel(name, weight.kind)
     if isinstance(p, int):
-        if name == "dense":
-            # one persona for every row: its cached masked weight directly (per-row indices would be
-            # built, then searched with unique(), a device sync on every call of a GPU decode step)
-            return lambda x2, bias: F.linear(x2, weight.dense_for(p), bias)
-        return lambda x2, bias: run_kernel(name, x2, weight, bias, _expand(p, x2))
-    if name == "dense":
-        return lambda x2, bias: masked_linear_reference(x2, weight, bias, p, cached=True)
-    kernel = registry.kernel("masked_linear", name, weight.kind)
+        return lambda x2, bias: kernel(x2, weight, bias, _expand(p, x2))
     return lambda x2, bias: kernel(x2, weight, bias, p)
 
 
