@@ -217,20 +217,21 @@ class _FusedProjections:
     def __getstate__(self):  # copies (deepcopy, pickle) start without the last input's columns
         return dict(self.__dict__, _source=None, _pending={}, _traced=None)
 
+    def _columns(self, y: torch.Tensor, slot: int) -> torch.Tensor:
+        return y[:, self.bounds[slot]:self.bounds[slot + 1]]
+
     def _compiled(self, slot: int, x: torch.Tensor, x2: torch.Tensor, persona, bias_on: bool) -> torch.Tensor:
-        lo, hi = self.bounds[slot], self.bounds[slot + 1]
         kept = self._traced
         if slot == 0 or kept is None or kept[0] is not x:
             kept = (x, self._stacked(x2, persona, bias_on))
         self._traced = None if slot == len(self.bounds) - 2 else kept
-        return kept[1][:, lo:hi]
+        return self._columns(kept[1], slot)
 
     def _stacked(self, x2: torch.Tensor, persona, bias_on: bool) -> torch.Tensor:
         return self.weight(x2, persona, self.bias if bias_on else None)
 
     def __call__(self, slot: int, x: torch.Tensor, x2: torch.Tensor, persona, h: "PersonaHandle",
                  bias_on: bool) -> torch.Tensor:
-        lo, hi = self.bounds[slot], self.bounds[slot + 1]
         if torch.compiler.is_compiling():
             return self._compiled(slot, x, x2, persona, bias_on)
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
@@ -239,9 +240,9 @@ class _FusedProjections:
                 and src[3] is h.batch and src[4] == bias_on):
             return self._pending.pop(slot)
         y = self._stacked(x2, persona, bias_on)
-        self._pending = {s: y[:, self.bounds[s]:self.bounds[s + 1]] for s in range(len(self.bounds) - 1) if s != slot}
+        self._pending = {s: self._columns(y, s) for s in range(len(self.bounds) - 1) if s != slot}
         self._source = (weakref.ref(x), version, h.current, h.batch, bias_on)
-        return y[:, lo:hi]
+        return self._columns(y, slot)
 
 
 def _row_personas(h: "PersonaHandle", rows: int, device) -> object:
@@ -535,6 +536,11 @@ def _resolve_format(fmt: str) -> str:
     return "bitmap" if fmt == "auto" else fmt
 
 
+def _persona_masks(masks: MaskStore, name: str) -> torch.Tensor:
+    """[personas, out, in] bool: every persona's mask of layer ``name``, in the store's order."""
+    return torch.stack([masks.mask(p, name) for p in masks.personas])
+
+
 def _fusable(members: Sequence[nn.Module]) -> bool:
     """Sibling projections can share a stacked weight: one input width, one weight dtype and
     device, resident weights, and biases on all (of one dtype) or none."""
@@ -599,7 +605,7 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
             members = [modules[n] for n in group]
             if _fusable(members):
                 w = torch.cat([linear_weight(m).detach() for m in members])
-                stacked = torch.cat([torch.stack([masks.mask(p, n) for p in masks.personas]) for n in group], -2)
+                stacked = torch.cat([_persona_masks(masks, n) for n in group], -2)
                 bias = torch.cat([m.bias.detach() for m in members]) if members[0].bias is not None else None
                 fused = _FusedProjections(_PersonaWeight(_build_format(kind, w.contiguous(), stacked.to(w.device), block),
                                                          kind, backend, w.shape[0]),
@@ -616,7 +622,7 @@ def apply(model: nn.Module, masks: MaskStore, persona: Optional[str] = None, for
             raise PersonaError(f"{name}: its weights are offloaded (on the meta device, loaded only at forward time by "
                                "accelerate); persona formats are built from resident weights. Load the model without "
                                "CPU/disk offload: a device_map over GPUs only, or device_map='cpu'")
-        stacked = torch.stack([masks.mask(p, name) for p in masks.personas]).to(w.device)
+        stacked = _persona_masks(masks, name).to(w.device)
         fmt = _build_format(kind, w.contiguous(), stacked, block)
         if slot:  # one routed expert's projection: a weight of the experts module's wrapper
             experts = built.setdefault(slot.module, PersonaExperts(base, handle))
