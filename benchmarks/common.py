@@ -64,6 +64,13 @@ def copy_bandwidth(nbytes: int, device: torch.device) -> float:
     return 2 * src.numel() * 4 / t
 
 
+def read_bandwidth(nbytes: int, device: torch.device) -> float:
+    """Measured read-only bandwidth in bytes/s (a sum over a buffer of ``nbytes``): the ideal of
+    a GEMV, which reads its weight once and writes almost nothing."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    return src.numel() * 4 / time_fn(lambda: src.sum(), device)
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]

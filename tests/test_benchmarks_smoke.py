@@ -10,7 +10,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("script", ["bench_accumulate_stats", "bench_masked_linear", "bench_masks",
                                     "bench_induce_neurons", "bench_e2e_decode", "bench_calibration",
-                                    "bench_eval"])
+                                    "bench_eval", "bench_dense_linear"])
 def test_benchmark_script_quick(script, monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(BENCH)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -189,11 +189,13 @@ def test_bench_takes_dtype_masks_and_reports_median_and_range(model_dir, texts, 
     assert "dense:" in printed and "(min " in printed and "3 runs" in printed and "b (6" in printed and "% sparse" in printed
     assert "persona switch" in printed and " ns" in printed
     written = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert written["dtype"] == "bfloat16" and [r["format"] for r in written["rows"]] == ["dense", "bitmap"]
+    assert [r["format"] for r in written["rows"]] == ["dense", "dense, every linear on dense_linear", "bitmap"]
+    assert written["dtype"] == "bfloat16" and "the dense model on dense_linear" in printed
     assert main(["bench", *common, "--masks", f"{out}/masks-wanda.safetensors", "--runs", "1", "--tokens", "1",
-                 "--fuse", "both"]) == 0
+                 "--fuse", "both", "--dense-head", "both"]) == 0
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
-    assert [r.get("fused") for r in rows] == [None, False, True]
+    assert [(r.get("fused"), r.get("dense_head")) for r in rows] == [(None, None)] * 2 + [
+        (False, False), (False, True), (True, False), (True, True)]
     assert main(["bench", *common, "--persona", "b"]) == 2
     assert main(["bench", *common, "--masks", f"{out}/masks-wanda.safetensors", "--persona", "zz"]) == 2
 

@@ -11,57 +11,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "vec.h"
+#include "row_gemv.h"
 
 namespace {
-
-constexpr int NB = 8;  // rows of x per pass (accumulators live in registers)
-
-// Two accumulators per x row (alternate 16-lane chunks) so the FMA latency chain is not the
-// limit when the weight row is in cache.
-template <typename scalar_t, int NBT>
-void dot_rows(const scalar_t* w, int64_t len, const float* x, int64_t ldx, float* acc) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 sum[2][NBT];
-  for (int n = 0; n < NBT; ++n) sum[0][n] = sum[1][n] = _mm512_setzero_ps();
-  for (; i + 32 <= len; i += 32) {
-    const __m512 v0 = pk::load16(w + i), v1 = pk::load16(w + i + 16);
-    for (int n = 0; n < NBT; ++n) {
-      sum[0][n] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + n * ldx + i), sum[0][n]);
-      sum[1][n] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + n * ldx + i + 16), sum[1][n]);
-    }
-  }
-  for (; i + 16 <= len; i += 16) {
-    const __m512 v = pk::load16(w + i);
-    for (int n = 0; n < NBT; ++n) sum[0][n] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + n * ldx + i), sum[0][n]);
-  }
-  for (int n = 0; n < NBT; ++n) acc[n] += _mm512_reduce_add_ps(_mm512_add_ps(sum[0][n], sum[1][n]));
-#endif
-  for (; i < len; ++i) {
-    const float v = pk::to_float(w[i]);
-    for (int n = 0; n < NBT; ++n) acc[n] += v * x[n * ldx + i];
-  }
-}
-
-// y[n, out_col(r)] = W[r] . xs[n] + bias[out_col(r)] for every compact row r.
-template <typename scalar_t>
-void compact_rows(const scalar_t* w, int64_t rows, int64_t len, const float* xs, int64_t batch,
-                  const int64_t* out_col /* nullptr: identity */, const float* bias, scalar_t* y, int64_t ldy) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t o = out_col ? out_col[r] : r;
-    const float b = bias ? bias[o] : 0.0f;
-    for (int64_t n0 = 0; n0 < batch; n0 += NB) {
-      const int nb = static_cast<int>(std::min<int64_t>(NB, batch - n0));
-      float acc[NB] = {0};
-      pk::with_row_count(nb, [&](auto nbt) {
-        dot_rows<scalar_t, decltype(nbt)::value>(w + r * len, len, xs + n0 * len, len, acc);
-      });
-      for (int n = 0; n < nb; ++n) y[(n0 + n) * ldy + o] = static_cast<scalar_t>(acc[n] + b);
-    }
-  }
-}
 
 template <typename scalar_t>
 void compacted(const torch::Tensor& xf, const torch::Tensor& weight, const torch::Tensor& index, bool axis_in,
@@ -75,16 +27,16 @@ void compacted(const torch::Tensor& xf, const torch::Tensor& weight, const torch
     std::vector<float> xs(static_cast<size_t>(batch * len));
     for (int64_t n = 0; n < batch; ++n)
       for (int64_t j = 0; j < len; ++j) xs[n * len + j] = x[n * in_f + idx[j]];
-    compact_rows<scalar_t>(weight.data_ptr<scalar_t>(), rows, len, xs.data(), batch, nullptr, bias, yp, out_f);
+    pk::gemv_rows<scalar_t>(weight.data_ptr<scalar_t>(), rows, len, xs.data(), batch, nullptr, bias, yp, out_f);
     return;
   }
-  // outputs of removed rows: the bias (or 0); the kept ones are written by compact_rows
+  // outputs of removed rows: the bias (or 0); the kept ones are written by gemv_rows
   std::vector<char> kept(static_cast<size_t>(out_f), 0);
   for (int64_t r = 0; r < rows; ++r) kept[idx[r]] = 1;
   for (int64_t n = 0; n < batch; ++n)
     for (int64_t o = 0; o < out_f; ++o)
       if (!kept[o]) yp[n * out_f + o] = static_cast<scalar_t>(bias ? bias[o] : 0.0f);
-  compact_rows<scalar_t>(weight.data_ptr<scalar_t>(), rows, len, x, batch, idx, bias, yp, out_f);
+  pk::gemv_rows<scalar_t>(weight.data_ptr<scalar_t>(), rows, len, x, batch, idx, bias, yp, out_f);
 }
 
 }  // namespace

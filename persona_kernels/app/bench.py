@@ -5,6 +5,7 @@ pattern as Wanda masks); calibration does not change the kernels' speed.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .. import model as pm
 from ..hf import cache_kwargs, linear_shape, output_cache
 from ..masks import MaskStore, linear_weight
 from ..masks.methods import select
+from ..ops.dense_linear import dense_linear
 
 
 def magnitude_masks(model: nn.Module, sparsity: float, personas: Sequence[str] = ("a", "b"), seed: int = 0) -> MaskStore:
@@ -83,6 +85,21 @@ def decode_tokens_per_s(model: nn.Module, tokens: int, batch: int = 1, prompt_le
     return decode_runs(model, tokens, batch, prompt_len, device, reps).median
 
 
+@contextlib.contextmanager
+def dense_linear_everywhere(model: nn.Module):
+    """Every nn.Linear of the (unapplied) model runs the dense_linear op for the duration: the
+    dense model as fast as this package's own dense kernel makes it, so that a persona's speed-up
+    can be split into what the sparse formats give and what a faster GEMV alone would."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    for m in linears:
+        m.forward = lambda x, m=m: dense_linear(x, m.weight, m.bias)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
 def switch_cost_ns(model: nn.Module, names: Sequence[str], reps: int = 200_000) -> float:
     """Nanoseconds per set_persona (the whole model: one attribute write, whatever its size),
     from a long loop timed with the nanosecond clock, less the loop's own cost."""
@@ -99,32 +116,40 @@ def switch_cost_ns(model: nn.Module, names: Sequence[str], reps: int = 200_000) 
 
 def bench_model(model: nn.Module, sparsities: Sequence[float] = (), tokens: int = 32, batch: int = 1, device="cpu",
                 formats: Sequence[str] = ("auto",), log=print, runs: int = 5, masks: Optional[MaskStore] = None,
-                persona: Optional[str] = None, fuse: Sequence[bool] = (True,)) -> list[dict]:
-    """Rows of {sparsity, format, fused, tok/s (median, min, max), speedup, switch ns} against the
-    dense model measured in the same run: magnitude masks at ``sparsities``, or the user's
-    ``masks`` (their ``persona``, default the first); ``fuse``: apply()'s fused sibling
-    projections on, off, or both (False, True) to compare."""
+                persona: Optional[str] = None, fuse: Sequence[bool] = (True,),
+                dense_head: Sequence[bool] = (True,)) -> list[dict]:
+    """Rows of {sparsity, format, fused, dense_head, tok/s (median, min, max), speedup,
+    vs_kernel_dense, switch ns} against the dense model measured in the same run (plain
+    transformers, and the same with every linear layer on dense_linear): magnitude masks at
+    ``sparsities``, or the user's ``masks`` (their ``persona``, default the first); ``fuse`` /
+    ``dense_head``: apply()'s options on, off, or both (False, True) to compare."""
     dense = decode_runs(model, tokens, batch, device=device, runs=runs)
     rows = [dict(sparsity=0.0, format="dense", tokens_per_s=dense.median, min=min(dense.runs), max=max(dense.runs),
                  speedup=1.0)]
     log(f"dense: {dense}")
+    with dense_linear_everywhere(model):
+        kernel = decode_runs(model, tokens, batch, device=device, runs=runs)
+    rows.append(dict(sparsity=0.0, format="dense, every linear on dense_linear", tokens_per_s=kernel.median,
+                     min=min(kernel.runs), max=max(kernel.runs), speedup=kernel.median / dense.median))
+    log(f"dense, every linear on dense_linear: {kernel}, {kernel.median / dense.median:.2f}x dense")
     stores = [(masks, persona)] if masks is not None else \
         [(magnitude_masks(model, s), None) for s in sparsities]
     for store, who in stores:
         who = who or store.personas[0]
         density = store.density(who)["*"]
-        for fmt, fused in ((f, u) for f in formats for u in fuse):
-            handle = pm.apply(model, store, persona=who, format=fmt, fuse=fused)
+        for fmt, fused, head in ((f, u, d) for f in formats for u in fuse for d in dense_head):
+            handle = pm.apply(model, store, persona=who, format=fmt, fuse=fused, dense_head=head)
             try:
                 t = decode_runs(model, tokens, batch, device=device, runs=runs)
                 sw = switch_cost_ns(model, store.personas)
             finally:
                 pm.remove(model)
-            rows.append(dict(sparsity=1 - density, format=handle.format, fused=fused, persona=who, tokens_per_s=t.median,
-                             min=min(t.runs), max=max(t.runs), speedup=t.median / dense.median, switch_ns=sw))
-            log(f"{who} ({1 - density:.0%} sparse, {handle.format}{'' if fused else ', unfused'}): {t}, "
-                f"{t.median / dense.median:.2f}x dense; "
-                f"persona switch {sw:.0f} ns")
+            rows.append(dict(sparsity=1 - density, format=handle.format, fused=fused, dense_head=head, persona=who,
+                             tokens_per_s=t.median, min=min(t.runs), max=max(t.runs), speedup=t.median / dense.median,
+                             vs_kernel_dense=t.median / kernel.median, switch_ns=sw))
+            log(f"{who} ({1 - density:.0%} sparse, {handle.format}{'' if fused else ', unfused'}"
+                f"{'' if head else ', head on F.linear'}): {t}, {t.median / dense.median:.2f}x dense "
+                f"({t.median / kernel.median:.2f}x the dense model on dense_linear); persona switch {sw:.0f} ns")
     return rows
 
 
@@ -149,7 +174,7 @@ def bench_mixed_batch(model: nn.Module, sparsity: float, batch: int, personas: i
 def run_decode_bench(model_spec: str, sparsities: Sequence[float], tokens: int = 32, device="cpu",
                      out: Optional[str] = None, dtype: str = "float32", runs: int = 5, batch: int = 1,
                      masks: Optional[str] = None, persona: Optional[str] = None,
-                     fuse: Sequence[bool] = (True,)) -> list[dict]:
+                     fuse: Sequence[bool] = (True,), dense_head: Sequence[bool] = (True,)) -> list[dict]:
     from .loading import input_device, load_model
 
     model, _ = load_model(model_spec, dtype, device)
@@ -157,7 +182,7 @@ def run_decode_bench(model_spec: str, sparsities: Sequence[float], tokens: int =
     if store is not None and persona is not None:
         store.index(persona)  # an unknown persona is an error before any timing
     rows = bench_model(model, sparsities, tokens, batch, device=input_device(model), runs=runs, masks=store,
-                       persona=persona, fuse=fuse)
+                       persona=persona, fuse=fuse, dense_head=dense_head)
     if out:
         import json
         import os

@@ -452,8 +452,11 @@ def cmd_bench(args) -> int:
     run_decode_bench(args.model, sparsities=[float(s) for s in args.sparsity.split(",")], tokens=args.tokens,
                      device=args.device, out=args.out, dtype=args.dtype, runs=args.runs, batch=args.batch,
                      masks=args.masks, persona=args.persona,
-                     fuse={"on": (True,), "off": (False,), "both": (False, True)}[args.fuse])
+                     fuse=_ON_OFF[args.fuse], dense_head=_ON_OFF[args.dense_head])
     return 0
+
+
+_ON_OFF = {"on": (True,), "off": (False,), "both": (False, True)}
 
 
 def cmd_demo(args) -> int:
@@ -686,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--persona", help="the persona of --masks to time (default: its first)")
     p.add_argument("--fuse", choices=("on", "off", "both"), default="on",
                    help="fused q/k/v and gate/up persona weights (apply(fuse=)); 'both' times each")
+    p.add_argument("--dense-head", choices=("on", "off", "both"), default="on",
+                   help="the unmasked output head on the dense_linear kernel (apply(dense_head=)); 'both' times each")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in model -> a report directory")

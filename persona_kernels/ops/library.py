@@ -4,6 +4,7 @@
     torch.ops.persona_kernels.induce_neurons(a, deactivate, add, act, backend)
     torch.ops.persona_kernels.topk_mask(score, k, backend)
     torch.ops.persona_kernels.masked_linear(x, kind, tensors, ints, bias, persona_rows, backend)
+    torch.ops.persona_kernels.dense_linear(x, weight, bias, backend)
 
 Ops take tensors, ints and strings only: a weight format crosses as ``fmt.op_args()`` and is
 rebuilt inside, and ``backend`` names the kernel that the public function chose (at trace
@@ -82,4 +83,15 @@ def _(x, kind, tensors, ints, bias, persona_rows, backend):
     return x.new_empty(x.shape[0], ints[0])
 
 
-OP_NAMES = ("accumulate_stats", "induce_neurons", "topk_mask", "masked_linear")
+@torch.library.custom_op("persona_kernels::dense_linear", mutates_args=())
+def dense_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    """y [N, out] = x [N, in] Wᵀ + bias."""
+    return registry.kernel("dense_linear", backend)(x, weight, bias)
+
+
+@dense_linear_op.register_fake
+def _(x, weight, bias, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+OP_NAMES = ("accumulate_stats", "induce_neurons", "topk_mask", "masked_linear", "dense_linear")

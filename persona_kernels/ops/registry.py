@@ -24,7 +24,7 @@ import torch
 from .. import _native, backends
 from .._native import BackendUnavailable
 
-OPS = ("accumulate_stats", "induce_neurons", "topk_mask", "masked_linear")
+OPS = ("accumulate_stats", "induce_neurons", "topk_mask", "masked_linear", "dense_linear")
 BACKEND_MODULES = ("reference", "torch", "triton", "cpp", "cuda")
 _MODULE_NAME = {"torch": "torch_ops"}
 

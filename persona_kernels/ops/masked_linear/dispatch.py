@@ -113,14 +113,21 @@ def table_key(kind: str, dtype: torch.dtype) -> str:
 def _route(kind: str, device: torch.device, dtype: torch.dtype) -> tuple:
     fallback = fallback_route(kind)
     name = _sparse_backend(kind, device)
-    used = table_class(device_class(device), device.type == "cuda")
-    table = _table()[used] if used else {}
-    entry = table.get(table_key(kind, dtype), table.get(kind))
+    entry = crossover_entry(kind, device, dtype)
     if entry is not None and entry.get("backend"):
         name = entry["backend"] if backends.available(entry["backend"], device) else name
     max_batch = entry["max_batch"] if entry is not None else 4
     min_sparsity = entry.get("min_sparsity") if entry is not None else None
     return name, max_batch, fallback, min_sparsity
+
+
+def crossover_entry(kind: str, device: torch.device, dtype: torch.dtype) -> Optional[dict]:
+    """The crossover entry (max_batch, backend, min_sparsity) that routes ``kind`` at ``dtype`` on
+    ``device``: the dtype's own, else the bare kind's, else None. Kind 'dense' is the dense_linear
+    op's (ops/dense_linear)."""
+    used = table_class(device_class(device), device.type == "cuda")
+    table = _table()[used] if used else {}
+    return table.get(table_key(kind, dtype), table.get(kind))
 
 
 def table_class(device_cls: str, is_gpu: bool) -> Optional[str]:
