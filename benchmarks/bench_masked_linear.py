@@ -178,7 +178,7 @@ def main(argv=None):
             cls[dispatch.table_key(kind, dtype)] = entry
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(stored, f, indent=2, sort_keys=True)
+            f.write(json.dumps(stored, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
         print(f"crossover written to {path}")
     if args.plot:
