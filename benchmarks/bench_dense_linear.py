@@ -11,7 +11,6 @@ kernel beats F.linear on every shape at every batch up to it (crossover.json, 'd
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -52,21 +51,6 @@ def crossover(rows) -> int:
     return best
 
 
-def write_crossover(dtype: torch.dtype, max_batch: int) -> str:
-    path = dispatch._TABLE_FILE
-    try:
-        with open(path) as f:
-            stored = json.load(f)
-    except (OSError, ValueError):
-        stored = {}
-    stored.setdefault("cpu", {})[dispatch.table_key("dense", dtype)] = {"backend": "cpp", "max_batch": max_batch}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(stored, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
@@ -88,7 +72,8 @@ def main(argv=None):
     cross = crossover(rows)
     print(f"\ncrossover: the C++ kernel wins on every shape up to batch {cross}")
     if args.write_crossover:
-        print(f"crossover written to {write_crossover(dtype, cross)}")
+        entry = {dispatch.table_key("dense", dtype): {"backend": "cpp", "max_batch": cross}}
+        print(f"crossover written to {dispatch.store_entries({'cpu': entry})}")
     if args.plot:
         labels = [f"b{b}" for b in batches]
         series = {r0["shape"]: [r["speedup"] for r in rows if r["shape"] == r0["shape"]]

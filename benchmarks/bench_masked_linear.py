@@ -167,19 +167,9 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.write_crossover:
-        path = dispatch._TABLE_FILE
-        try:
-            with open(path) as f:
-                stored = json.load(f)
-        except (OSError, ValueError):
-            stored = {}
-        cls = stored.setdefault(dispatch.device_class(torch.device(device)), {})
-        for kind, entry in cross.items():  # entries for the measured dtype only
-            cls[dispatch.table_key(kind, dtype)] = entry
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(stored, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        cls = dispatch.device_class(torch.device(device))
+        # entries for the measured dtype only
+        path = dispatch.store_entries({cls: {dispatch.table_key(kind, dtype): e for kind, e in cross.items()}})
         print(f"crossover written to {path}")
     if args.plot:
         b1 = [r for r in rows if r["batch"] == batches[0]]

@@ -289,16 +289,7 @@ def merge_crossover(path: str) -> None:
     """Fold a run's crossover_gpu.json into the package's crossover.json (atomically)."""
     with open(path) as f:
         new = json.load(f)
-    target = dispatch._TABLE_FILE
-    with open(target) as f:
-        table = json.load(f)
-    for cls, entries in new.items():
-        table.setdefault(cls, {}).update(entries)
-    tmp = target + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, target)
+    target = dispatch.store_entries(new)
     print(f"merged {sum(len(v) for v in new.values())} entries into {target}")
 
 

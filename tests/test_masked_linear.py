@@ -1,5 +1,6 @@
 """masked_linear: every format x backend available here against a float64 reference."""
 import importlib
+import json
 
 import pytest
 import torch
@@ -232,6 +233,28 @@ def test_crossover_is_per_dtype_and_overridable():
         assert dispatch.choose(fmt32, torch.randn(3, 64)) == "cpp"  # float32 keeps its own entry
     finally:
         dispatch._OVERRIDES.pop(key, None)
+        dispatch.reload_table()
+
+
+def test_stored_entries_merge_atomically_and_route(tmp_path, monkeypatch):
+    dispatch = ml.dispatch
+    table = tmp_path / "crossover.json"
+    table.write_text('{"cpu": {"bitmap:float32": {"backend": "cpp", "max_batch": 16}}}')
+    monkeypatch.setattr(dispatch, "_TABLE_FILE", str(table))
+    fmt, _, _ = make("bitmap", 16, 64, torch.float32)
+    if "cpp" not in available_backends(fmt, torch.device("cpu")):
+        pytest.skip("no C++ extension")
+    try:
+        dispatch.reload_table()
+        assert dispatch.choose(fmt, torch.randn(9, 64)) == "cpp"
+        assert dispatch.store_entries({"cpu": {"bitmap:float32": {"backend": "cpp", "max_batch": 8}},
+                                       "h100": {"bitmap": {"backend": "cuda", "max_batch": 1}}}) == str(table)
+        assert dispatch.choose(fmt, torch.randn(9, 64)) == "dense"  # routed by the new table at once
+        stored = json.loads(table.read_text())
+        assert stored["cpu"]["bitmap:float32"]["max_batch"] == 8 and "h100" in stored
+        assert [p.name for p in tmp_path.iterdir()] == ["crossover.json"]  # no temporary file left
+    finally:
+        monkeypatch.undo()
         dispatch.reload_table()
 
 

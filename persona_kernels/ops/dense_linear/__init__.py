@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import registry
+from ..linear_args import check_linear_args
 from ..masked_linear.dispatch import EPOCH, crossover_entry
 from .reference import dense_linear_reference
 
@@ -28,16 +29,7 @@ _MAX_BATCH: dict = {}  # (device, dtype, routing epoch) -> rows up to which 'aut
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise ValueError(f"weight must be a 2-D tensor [out, in], got {getattr(weight, 'shape', type(weight).__name__)}")
-    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must have {weight.shape[1]} features in its last dim (weight {tuple(weight.shape)}), "
-                         f"got {tuple(getattr(x, 'shape', ()))}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x is {x.dtype} but the weight is {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {weight.device}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
-        raise ValueError(f"bias must be [{weight.shape[0]}] {x.dtype} on {x.device}, got {bias.dtype} "
-                         f"{tuple(bias.shape)} on {bias.device}")
+    check_linear_args(x, tuple(weight.shape), weight.dtype, weight.device, bias)
 
 
 # torch.compile keeps the result as a constant (it reads files and the registry)

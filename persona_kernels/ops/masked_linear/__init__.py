@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ...formats import WeightFormat
 from .. import registry
+from ..linear_args import check_linear_args
 from .reference import masked_linear_reference
 
 MULTI_PERSONA = ("shared_bitmask", "block")
@@ -69,15 +70,7 @@ def _expand(persona: Union[None, int, torch.Tensor], x2: torch.Tensor) -> Option
 def _check(x: torch.Tensor, fmt: WeightFormat, bias: Optional[torch.Tensor]) -> None:
     if not isinstance(fmt, WeightFormat):
         raise TypeError(f"weight must be a persona_kernels.formats.WeightFormat, got {type(fmt).__name__}")
-    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != fmt.shape[1]:
-        raise ValueError(f"x must have {fmt.shape[1]} features in its last dim (weight {tuple(fmt.shape)}), "
-                         f"got {tuple(getattr(x, 'shape', ()))}")
-    if x.dtype != fmt.dtype:
-        raise TypeError(f"x is {x.dtype} but the weight is {fmt.dtype}")
-    if x.device != fmt.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {fmt.device}")
-    if bias is not None and (bias.shape != (fmt.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
-        raise ValueError(f"bias must be [{fmt.shape[0]}] {x.dtype} on {x.device}, got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    check_linear_args(x, fmt.shape, fmt.dtype, fmt.device, bias)
 
 
 def available_backends(fmt: WeightFormat, device: torch.device) -> list[str]:

@@ -65,6 +65,24 @@ def reload_table() -> None:
     EPOCH[0] += 1
 
 
+def store_entries(entries: dict) -> str:
+    """Fold measured entries {device class: {key: entry}} into crossover.json (written atomically:
+    a temporary file, then a rename) and route by the new table; returns the file's path."""
+    try:
+        with open(_TABLE_FILE) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    for cls, new in entries.items():
+        table.setdefault(cls, {}).update(new)
+    tmp = _TABLE_FILE + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, _TABLE_FILE)
+    reload_table()
+    return _TABLE_FILE
+
+
 def set_crossover(device_cls: str, kind: str, max_batch: int, backend: Optional[str] = None,
                   dtype: Optional[torch.dtype] = None, min_sparsity: Optional[float] = None) -> None:
     """Use the sparse kernel of ``kind`` up to ``max_batch`` rows on ``device_cls`` (0: never),
