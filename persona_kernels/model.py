@@ -408,18 +408,20 @@ class DenseHead(_OriginalKeys):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._handle
-        if h.batch is None and h.current is None:
-            return self.base(x)
-        return dense_linear(x, self.base.weight, self.base.bias)
+        h, w = self._handle, self.base.weight
+        if (h.batch is None and h.current is None) or x.dtype != w.dtype:
+            return self.base(x)  # persona None; or a dtype F.linear would cast (autocast): its own rules
+        if x.device != w.device:  # accelerate's device_map hands the head inputs from another GPU
+            return dense_linear(x.to(w.device), w, self.base.bias).to(x.device)
+        return dense_linear(x, w, self.base.bias)
 
 
 def _dense_head(model: nn.Module, masked: Sequence[str]) -> Optional[str]:
-    """Name of the output head if DenseHead can stand in for it: a plain nn.Linear the store does
-    not mask (Conv1D heads hold their weight transposed)."""
+    """Name of the output head if DenseHead can stand in for it: a plain nn.Linear with resident
+    weights that the store does not mask (Conv1D heads hold their weight transposed)."""
     head = output_head(model)
-    if head is None or type(head) is not nn.Linear or getattr(head, "_pk_wrapper", False):
-        return None
+    if head is None or type(head) is not nn.Linear or head.weight.device.type == "meta":
+        return None  # Conv1D, a wrapper already, or offloaded (its weight arrives at forward time)
     name = next((n for n, m in model.named_modules() if m is head), None)
     return None if name is None or name in masked else name
 

@@ -128,6 +128,15 @@ def test_dense_head_same_logits_exact_at_persona_none_and_removed_cleanly():
     assert model.lm_head is head and list(model.state_dict()) == keys
 
 
+def test_dense_head_under_autocast_follows_the_original_module():
+    model, store, ids = _persona_model()
+    pm.apply(model, store, persona="a")
+    x = torch.randn(1, 3, model.config.hidden_size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = model.lm_head(x.bfloat16()), model.lm_head.base(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)  # F.linear's autocast rules, not a dtype error
+
+
 def test_dense_head_is_not_used_for_a_masked_head():
     model, _, ids = _persona_model()
     h = pm.apply(model, MaskStore.from_masks(model, _masks(model, with_head=True)), persona="a")
@@ -142,3 +151,19 @@ def test_dense_head_compiles_fullgraph():
         want = model(ids).logits
         got = torch.compile(model, fullgraph=True, backend="eager")(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_offloaded_head_is_left_to_its_hooks(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    model, store, ids = _persona_model()
+    n = model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(n)}, "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "disk"}
+    with torch.no_grad():
+        want = model(ids).logits
+    accelerate.dispatch_model(model, device_map, main_device="cpu", offload_dir=str(tmp_path))
+    h = pm.apply(model, store)
+    assert not h.sped_up and type(model.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want)
+    pm.remove(model)
