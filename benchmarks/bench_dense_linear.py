@@ -4,7 +4,9 @@ Memory-bound at decode batch sizes: reports time, the speed-up over F.linear mea
 same run, and achieved bytes/s as a fraction of the measured read bandwidth (the ideal: the
 weight is read once per call). Shapes: SmolLM2-135M's tied output head and projections, and
 Llama-3-8B's MLP. ``--write-crossover`` stores, per dtype, the largest batch at which the C++
-kernel beats F.linear on every shape at every batch up to it (crossover.json, 'dense:<dtype>').
+kernel beats F.linear on every shape at every batch up to it (crossover.json, 'dense:<dtype>'),
+and the same over the large shapes alone (weights of at least LARGE_BYTES) as its
+``large_max_batch``: on big weights the kernel stays ahead to larger batches.
 
   python benchmarks/bench_dense_linear.py [--quick] [--dtype float32] [--plot out.png] [--write-crossover]
 """
@@ -25,6 +27,7 @@ from persona_kernels.ops.masked_linear import dispatch  # noqa: E402
 from common import machine, print_table, read_bandwidth, save_bar_plot, time_fn  # noqa: E402
 
 SHAPES = [(49152, 576), (3072, 576), (576, 1536), (960, 576), (14336, 4096), (4096, 14336)]
+LARGE_BYTES = 64 << 20  # the large shapes above: SmolLM2's head and Llama-3-8B's MLP (fp32: 113-235 MB)
 
 
 def run(shapes, batches, dtype, read_bw: float) -> list[dict]:
@@ -36,7 +39,7 @@ def run(shapes, batches, dtype, read_bw: float) -> list[dict]:
             x = torch.randn(batch, in_f).to(dtype)
             t_vendor = time_fn(lambda: F.linear(x, w), torch.device("cpu"))
             t = time_fn(lambda: dense_linear(x, w, backend="cpp"), torch.device("cpu"))
-            rows.append(dict(shape=f"{out_f}x{in_f}", dtype=str(dtype).removeprefix("torch."), batch=batch,
+            rows.append(dict(shape=f"{out_f}x{in_f}", dtype=str(dtype).removeprefix("torch."), batch=batch, nbytes=nbytes,
                              ms=t * 1e3, vendor_ms=t_vendor * 1e3, speedup=t_vendor / t, GBps=nbytes / t / 1e9,
                              of_ideal=nbytes / t / read_bw))
     return rows
@@ -70,9 +73,13 @@ def main(argv=None):
     print_table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 ["shape", "dtype", "batch", "ms", "vendor_ms", "speedup", "GBps", "of_ideal"])
     cross = crossover(rows)
-    print(f"\ncrossover: the C++ kernel wins on every shape up to batch {cross}")
+    large = [r for r in rows if r["nbytes"] >= LARGE_BYTES]
+    cross_large = crossover(large) if large else cross
+    print(f"\ncrossover: the C++ kernel wins on every shape up to batch {cross}, on the large ones "
+          f"(>= {LARGE_BYTES >> 20} MiB) up to {cross_large}")
     if args.write_crossover:
-        entry = {dispatch.table_key("dense", dtype): {"backend": "cpp", "max_batch": cross}}
+        entry = {dispatch.table_key("dense", dtype): {"backend": "cpp", "max_batch": cross, "large_min_bytes": LARGE_BYTES,
+                                                      "large_max_batch": max(cross, cross_large)}}
         print(f"crossover written to {dispatch.store_entries({'cpu': entry})}")
     if args.plot:
         labels = [f"b{b}" for b in batches]

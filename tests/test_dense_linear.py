@@ -52,24 +52,45 @@ def test_leading_dims_and_empty_batch():
 def test_auto_routes_small_cpu_batches_to_the_kernel():
     rows = max_batch(CPU, torch.float32)
     if not HAS_CPP:
-        assert rows == 0 and route(torch.randn(1, 8)) == "reference"
+        assert rows == 0 and route(torch.randn(1, 8), torch.randn(4, 8)) == "reference"
         return
     assert rows >= 1
-    assert route(torch.randn(1, 8)) == "cpp"
-    assert route(torch.randn(rows + 1, 8)) == "reference"
-    assert route(torch.randn(1, 8, dtype=torch.float64)) == "reference"  # no kernel for float64
+    w = torch.randn(4, 8)
+    assert route(torch.randn(1, 8), w) == "cpp"
+    assert route(torch.randn(rows + 1, 8), w) == "reference"
+    assert route(torch.randn(1, 8, dtype=torch.float64), w.double()) == "reference"  # no kernel for float64
 
 
 def test_crossover_override_reaches_the_route():
     if not HAS_CPP:
         pytest.skip("no C++ kernel here")
+    w = torch.randn(4, 8)
     try:
         dispatch.set_crossover("cpu", "dense", 0, backend="cpp", dtype=torch.float32)
-        assert route(torch.randn(1, 8)) == "reference"
+        assert route(torch.randn(1, 8), w) == "reference"
     finally:
         dispatch._OVERRIDES.clear()
         dispatch.reload_table()
-    assert route(torch.randn(1, 8)) == "cpp"
+    assert route(torch.randn(1, 8), w) == "cpp"
+
+
+def test_large_weights_have_their_own_crossover(tmp_path, monkeypatch):
+    if not HAS_CPP:
+        pytest.skip("no C++ kernel here")
+    table = tmp_path / "crossover.json"
+    table.write_text('{"cpu": {"dense:float32": {"backend": "cpp", "max_batch": 2, "large_min_bytes": 4096, '
+                     '"large_max_batch": 6}}}')
+    monkeypatch.setattr(dispatch, "_TABLE_FILE", str(table))
+    small, large = torch.randn(4, 8), torch.randn(64, 16)  # 128 and 4096 bytes
+    try:
+        dispatch.reload_table()
+        assert [route(torch.randn(n, w.shape[1]), w) for w in (small, large) for n in (2, 3, 6, 7)] == [
+            "cpp", "reference", "reference", "reference", "cpp", "cpp", "cpp", "reference"]
+        x = torch.randn(5, 16)
+        torch.testing.assert_close(dense_linear(x, large), F.linear(x, large), atol=1e-5, rtol=1e-5)  # the kernel's rows
+    finally:
+        monkeypatch.undo()
+        dispatch.reload_table()
 
 
 @pytest.mark.parametrize("bad, err, match", [
