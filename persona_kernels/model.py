@@ -409,8 +409,8 @@ class DenseHead(_OriginalKeys):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = self._handle, self.base.weight
-        if (h.batch is None and h.current is None) or x.dtype != w.dtype:
-            return self.base(x)  # persona None; or a dtype F.linear would cast (autocast): its own rules
+        if (h.batch is None and h.current is None) or x.dtype != w.dtype or torch.is_autocast_enabled(x.device.type):
+            return self.base(x)  # persona None; or under autocast / mixed dtypes: F.linear's own casting rules
         if x.device != w.device:  # accelerate's device_map hands the head inputs from another GPU
             return dense_linear(x.to(w.device), w, self.base.bias).to(x.device)
         return dense_linear(x, w, self.base.bias)

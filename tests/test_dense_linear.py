@@ -154,8 +154,9 @@ def test_dense_head_under_autocast_follows_the_original_module():
     pm.apply(model, store, persona="a")
     x = torch.randn(1, 3, model.config.hidden_size)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        y, want = model.lm_head(x.bfloat16()), model.lm_head.base(x.bfloat16())
-    assert y.dtype == torch.bfloat16 and torch.equal(y, want)  # F.linear's autocast rules, not a dtype error
+        for inp in (x, x.bfloat16()):  # float32 as the head, and a dtype it would refuse outside autocast
+            y, want = model.lm_head(inp), model.lm_head.base(inp)
+            assert y.dtype == torch.bfloat16 and torch.equal(y, want)  # F.linear's autocast rules
 
 
 def test_dense_head_is_not_used_for_a_masked_head():
