@@ -25,6 +25,7 @@ import torch
 
 from ... import backends
 from ...formats import WeightFormat
+from ...io import atomic_write_text
 from .. import registry
 
 _TABLE_FILE = os.path.join(os.path.dirname(__file__), "crossover.json")
@@ -66,8 +67,8 @@ def reload_table() -> None:
 
 
 def store_entries(entries: dict) -> str:
-    """Fold measured entries {device class: {key: entry}} into crossover.json (written atomically:
-    a temporary file, then a rename) and route by the new table; returns the file's path."""
+    """Fold measured entries {device class: {key: entry}} into crossover.json (written atomically,
+    io.atomic_write_text) and route by the new table; returns the file's path."""
     try:
         with open(_TABLE_FILE) as f:
             table = json.load(f)
@@ -75,10 +76,7 @@ def store_entries(entries: dict) -> str:
         table = {}
     for cls, new in entries.items():
         table.setdefault(cls, {}).update(new)
-    tmp = _TABLE_FILE + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, _TABLE_FILE)
+    atomic_write_text(_TABLE_FILE, json.dumps(table, indent=2, sort_keys=True) + "\n")
     reload_table()
     return _TABLE_FILE
 
