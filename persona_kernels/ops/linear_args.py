@@ -1,4 +1,5 @@
-"""The input checks every linear op (masked_linear, dense_linear) makes of x and the bias."""
+"""What every linear op (masked_linear, dense_linear) shares: the checks of x and the bias, and
+the bias as their C++ kernels take it."""
 from __future__ import annotations
 
 from typing import Optional
@@ -20,3 +21,11 @@ def check_linear_args(x: torch.Tensor, shape: tuple, dtype: torch.dtype, device:
     if bias is not None and (bias.shape != (out_f,) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"bias must be [{out_f}] {x.dtype} on {x.device}, got {bias.dtype} {tuple(bias.shape)} "
                          f"on {bias.device}")
+
+
+_NO_BIAS = torch.empty(0)  # one shared "no bias" tensor: no allocation on the decode path
+
+
+def native_bias(bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The bias as the C++ linear kernels take it: float32 contiguous, or an empty tensor for none."""
+    return bias.float().contiguous() if bias is not None else _NO_BIAS

@@ -7,15 +7,13 @@ from typing import Optional
 import torch
 
 from ... import _native
+from ..linear_args import native_bias
 from ..registry import has_native, new_output, register_kernel
-
-_NO_BIAS = torch.empty(0)
 
 
 def dense_linear_cpp(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     y = new_output((x2.shape[0], weight.shape[0]), x2.dtype, x2.device)
-    b = bias.float().contiguous() if bias is not None else _NO_BIAS
-    _native.require("cpu").dense_linear(x2.contiguous(), weight.contiguous(), b, y)
+    _native.require("cpu").dense_linear(x2.contiguous(), weight.contiguous(), native_bias(bias), y)
     return y
 
 

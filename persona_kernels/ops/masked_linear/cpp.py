@@ -8,13 +8,8 @@ from __future__ import annotations
 import torch
 
 from ... import _native
+from ..linear_args import native_bias
 from ..registry import has_native, new_output, register_kernel
-
-_NO_BIAS = torch.empty(0)  # one shared "no bias" tensor: no allocation on the decode path
-
-
-def _bias_f32(bias):
-    return bias.float().contiguous() if bias is not None else _NO_BIAS
 
 
 def _out(x2: torch.Tensor, fmt) -> torch.Tensor:
@@ -23,20 +18,20 @@ def _out(x2: torch.Tensor, fmt) -> torch.Tensor:
 
 def masked_linear_bitmap_cpp(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
     y = _out(x2, fmt)
-    _native.require("cpu").bitmap_linear(x2.contiguous(), fmt.values, fmt.bitmap, fmt.row_ptr, _bias_f32(bias), y)
+    _native.require("cpu").bitmap_linear(x2.contiguous(), fmt.values, fmt.bitmap, fmt.row_ptr, native_bias(bias), y)
     return y
 
 
 def masked_linear_compacted_cpp(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
     y = _out(x2, fmt)
-    _native.require("cpu").compacted_linear(x2.contiguous(), fmt.weight, fmt.index, fmt.axis == "in", _bias_f32(bias), y)
+    _native.require("cpu").compacted_linear(x2.contiguous(), fmt.weight, fmt.index, fmt.axis == "in", native_bias(bias), y)
     return y
 
 
 def masked_linear_shared_bitmask_cpp(x2: torch.Tensor, fmt, bias, persona_rows) -> torch.Tensor:
     y = _out(x2, fmt)
     _native.require("cpu").shared_bitmask_linear(x2.contiguous(), fmt.weight, fmt.bits, persona_rows.contiguous(),
-                                                 _bias_f32(bias), y)
+                                                 native_bias(bias), y)
     return y
 
 
