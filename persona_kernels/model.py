@@ -132,9 +132,12 @@ def _add_base(base_keys, state_dict, prefix, *args):
 
 
 class _OriginalKeys(nn.Module):
-    """Mixin of the persona wrappers: state_dict() and load_state_dict() use the original module's keys."""
+    """Base of the persona wrappers: ``base`` is the original module, and state_dict() and
+    load_state_dict() use its keys."""
 
-    def _register_original_keys(self):
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
         self._register_state_dict_hook(_strip_base)
         base_keys = [n for n, _ in self.base.named_parameters()] + [n for n, _ in self.base.named_buffers()]
         # a partial of a module-level function, not a closure: an applied model stays picklable (torch.save)
@@ -301,9 +304,7 @@ class MaskedLinear(_WatchesWeights):
 
     def __init__(self, base: nn.Module, handle: PersonaHandle, fmt, kind: str, backend: str,
                  group: Optional[_FusedProjections] = None, slot: int = 0):
-        super().__init__()
-        self.base = base
-        self._register_original_keys()
+        super().__init__(base)
         self.out_features, self.in_features = linear_shape(base)
         self._handle, self._kind = handle, kind
         # a member of fused sibling projections shares the group's stacked weight (fmt is None)
@@ -368,9 +369,7 @@ class MaskedEmbedding(_OriginalKeys):
     _pk_wrapper = True
 
     def __init__(self, base: nn.Module, handle: PersonaHandle, packed: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self._register_original_keys()
+        super().__init__(base)
         self._handle, self._packed, self._dim = handle, packed, base.weight.shape[1]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -398,9 +397,7 @@ class DenseHead(_OriginalKeys):
     _pk_wrapper = True
 
     def __init__(self, base: nn.Linear, handle: PersonaHandle):
-        super().__init__()
-        self.base = base
-        self._register_original_keys()
+        super().__init__(base)
         self._handle = handle
 
     @property
@@ -487,9 +484,7 @@ class InducedActivation(_OriginalKeys):
     def __init__(self, base: nn.Module, target: NeuronSet, opposite: Optional[NeuronSet], site: str, neurons: int,
                  strength: float, keep_prob: float, generator: torch.Generator, backend: str, device="cpu",
                  mode: str = "package"):
-        super().__init__()
-        self.base = base
-        self._register_original_keys()
+        super().__init__(base)
         self._induction = _Induction(base, target, opposite, site, neurons, strength, keep_prob, generator, backend, device,
                                      mode)
         self.decode_only = mode == "npti-code"  # the released code edits decode steps only
@@ -520,9 +515,7 @@ class PersonaExperts(_WatchesWeights):
     _pk_wrapper = True
 
     def __init__(self, base: nn.Module, handle: PersonaHandle):
-        super().__init__()
-        self.base = base
-        self._register_original_keys()
+        super().__init__(base)
         self._handle = handle
         self.weights: dict = {}      # (param, expert) -> _PersonaWeight
         self.inductions: dict = {}   # expert -> _Induction
